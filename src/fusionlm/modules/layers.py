@@ -1,0 +1,236 @@
+"""Transformer layers: pre-norm self-attention, gated cross-attention, and activation checkpointing.
+
+Every layer has the same call signature, so a decoder can hold any mix of them::
+
+    layer(x, *, mask=None, encoder_input=None, encoder_mask=None, input_pos=None) -> x
+
+A layer ignores the arguments that are not its business (a self-attention layer never
+reads the encoder input; a cross-attention layer never reads the causal mask).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from fusionlm.modules.attention import MultiHeadAttention
+from fusionlm.modules.masks import AttentionMask
+
+
+class GradientCheckpointingLayer(nn.Module):
+    """A module whose forward can be recomputed in backward instead of storing activations.
+
+    As transformers' ``GradientCheckpointingLayer``: off by default; when
+    ``gradient_checkpointing`` is True and the module is training with grad enabled, the call
+    runs under ``torch.utils.checkpoint``. Non-reentrant by default, which handles keyword
+    arguments (gradients flow into tensors passed by keyword). The reentrant variant only
+    propagates gradients through positional tensors, so passing a keyword tensor that
+    requires grad raises instead of silently dropping its gradient.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.checkpoint_use_reentrant = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return super().__call__(*args, **kwargs)
+        if self.checkpoint_use_reentrant:
+            grad_kwargs = [
+                k for k, v in kwargs.items() if isinstance(v, Tensor) and v.requires_grad
+            ]
+            if grad_kwargs:
+                raise ValueError(
+                    f"reentrant checkpointing drops gradients of keyword tensors {grad_kwargs}; "
+                    "pass them positionally or use use_reentrant=False"
+                )
+        return checkpoint(
+            functools.partial(super().__call__, **kwargs),
+            *args,
+            use_reentrant=self.checkpoint_use_reentrant,
+        )
+
+
+class _CachedLayerMixin:
+    """Cache bookkeeping shared by layers that own one attention module, ``self.attn``."""
+
+    attn: MultiHeadAttention
+
+    def caches_are_setup(self) -> bool:
+        return self.attn.kv_cache is not None
+
+    def caches_are_enabled(self) -> bool:
+        return self.attn.kv_cache is not None and self.attn.cache_enabled
+
+    def reset_cache(self) -> None:
+        self.attn.reset_cache()
+
+
+class TransformerSelfAttentionLayer(_CachedLayerMixin, GradientCheckpointingLayer):
+    """Pre-norm decoder layer: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``.
+
+    Args:
+        attn: self-attention.
+        mlp: feed-forward block.
+        sa_norm: norm before attention (identity if None).
+        mlp_norm: norm before the MLP (identity if None).
+        sa_scale, mlp_scale: applied to each branch before the residual add (identity if None).
+    """
+
+    def __init__(
+        self,
+        attn: MultiHeadAttention,
+        mlp: nn.Module,
+        *,
+        sa_norm: nn.Module | None = None,
+        mlp_norm: nn.Module | None = None,
+        sa_scale: nn.Module | None = None,
+        mlp_scale: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.attn = attn
+        self.mlp = mlp
+        self.sa_norm = sa_norm if sa_norm is not None else nn.Identity()
+        self.mlp_norm = mlp_norm if mlp_norm is not None else nn.Identity()
+        self.sa_scale = sa_scale if sa_scale is not None else nn.Identity()
+        self.mlp_scale = mlp_scale if mlp_scale is not None else nn.Identity()
+
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        encoder_max_seq_len: int | None = None,
+        decoder_max_seq_len: int | None = None,
+    ) -> None:
+        """Allocate this layer's self-attention cache of ``decoder_max_seq_len`` slots."""
+        self.attn.setup_cache(batch_size, dtype, max_seq_len=decoder_max_seq_len)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: AttentionMask | None = None,
+        encoder_input: Tensor | None = None,
+        encoder_mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
+        """``[b, s, d] -> [b, s, d]``; ``encoder_input``/``encoder_mask`` are ignored."""
+        normed = self.sa_norm(x)
+        h = x + self.sa_scale(self.attn(normed, normed, mask=mask, input_pos=input_pos))
+        return h + self.mlp_scale(self.mlp(self.mlp_norm(h)))
+
+
+class TanhGate(nn.Module):
+    """``x * tanh(scale)``, a learnable gate; starting at 0 it passes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale.tanh()
+
+
+class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLayer):
+    """Pre-norm cross-attention layer: text queries attend to encoder keys and values.
+
+    ``x + ca_scale(attn(norm(x), encoder_input))``, then ``h + mlp_scale(mlp(norm(h)))``.
+    With ``TanhGate`` scales at zero the layer is the identity, so a fresh fusion layer leaves
+    a pretrained decoder's output unchanged. Keys and values are computed once, when an
+    ``encoder_input`` arrives, and read from the cache for the following decode steps.
+    A text row that may attend to no encoder position gets no cross-attention update (zeros,
+    never NaN).
+
+    Args:
+        attn: cross-attention (``is_causal=False``, no positional embedding).
+        mlp: feed-forward block.
+        ca_norm, mlp_norm: norms before attention and MLP (identity if None).
+        ca_scale, mlp_scale: per-branch scales, e.g. ``TanhGate`` (identity if None).
+    """
+
+    def __init__(
+        self,
+        attn: MultiHeadAttention,
+        mlp: nn.Module,
+        *,
+        ca_norm: nn.Module | None = None,
+        mlp_norm: nn.Module | None = None,
+        ca_scale: nn.Module | None = None,
+        mlp_scale: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if attn.pos_embeddings is not None or attn.is_causal:
+            raise ValueError(
+                "cross-attention must be built with is_causal=False and no pos_embeddings"
+            )
+        self.attn = attn
+        self.mlp = mlp
+        self.ca_norm = ca_norm if ca_norm is not None else nn.Identity()
+        self.mlp_norm = mlp_norm if mlp_norm is not None else nn.Identity()
+        self.ca_scale = ca_scale if ca_scale is not None else nn.Identity()
+        self.mlp_scale = mlp_scale if mlp_scale is not None else nn.Identity()
+
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        encoder_max_seq_len: int | None = None,
+        decoder_max_seq_len: int | None = None,
+    ) -> None:
+        """Allocate the encoder key/value cache of ``encoder_max_seq_len`` slots."""
+        if encoder_max_seq_len is None:
+            raise ValueError(
+                "a cross-attention layer needs encoder_max_seq_len to set up its cache"
+            )
+        self.attn.setup_cache(batch_size, dtype, max_seq_len=encoder_max_seq_len)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: AttentionMask | None = None,
+        encoder_input: Tensor | None = None,
+        encoder_mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
+        """``[b, s, d] -> [b, s, d]``.
+
+        Args:
+            encoder_input: ``[b, s_e, d_e]``; None while decoding from the cache, or when
+                there is nothing to attend to (the layer then returns ``x``).
+            encoder_mask: bool ``[b, s, s_e]``, True where text token i may see encoder
+                position j. None: every text token sees every encoder position.
+        """
+        cached = self.caches_are_enabled() and self.attn.kv_cache.size > 0
+        if encoder_input is None and not cached:
+            return x
+        if encoder_input is not None and self.caches_are_enabled():
+            # A new encoder input replaces the one cached for the previous prompt.
+            self.attn.reset_cache()
+        if encoder_mask is not None:
+            encoder_mask = encoder_mask.unsqueeze(1) if encoder_mask.dim() == 3 else encoder_mask
+        attn_out = self.attn(self.ca_norm(x), encoder_input, mask=encoder_mask)
+        if encoder_mask is not None:
+            # Rows that see no encoder position skip the update entirely, MLP included.
+            sees_any = encoder_mask.any(dim=-1).any(dim=1).unsqueeze(-1)  # [b, s, 1]
+            attn_out = attn_out * sees_any
+        h = x + self.ca_scale(attn_out)
+        mlp_out = self.mlp(self.mlp_norm(h))
+        if encoder_mask is not None:
+            mlp_out = mlp_out * sees_any
+        return h + self.mlp_scale(mlp_out)
+
+
+__all__ = [
+    "GradientCheckpointingLayer",
+    "TanhGate",
+    "TransformerCrossAttentionLayer",
+    "TransformerSelfAttentionLayer",
+]

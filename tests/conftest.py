@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random transformers Llama models saved to temp dirs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+BASE_CONFIG: dict[str, Any] = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 112,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
+    "tie_word_embeddings": False,
+}
+
+
+def randomize_(model: torch.nn.Module, *, seed: int = 0) -> None:
+    """Weights with O(1) logits, so a parity check at 1e-4 can fail (0.02-std init gives ~0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else noise * p.shape[-1] ** -0.5)
+
+
+def make_hf_llama(directory: Path, **overrides: Any):
+    """Build, randomise and save a transformers LlamaForCausalLM; returns it in fp32 eval mode."""
+    import transformers
+
+    config = transformers.LlamaConfig(**{**BASE_CONFIG, **overrides})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM(config)
+    randomize_(model, seed=hash(directory.name) % 1000)
+    model.save_pretrained(directory)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """One tiny GQA model shared by tests that only read it."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    return directory, make_hf_llama(directory)
