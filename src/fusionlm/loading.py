@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fusionlm.checkpoint.gguf import read_gguf, read_gguf_config, read_gguf_metadata
 from fusionlm.checkpoint.hf import (
     LLAMA_KEYS,
     hf_to_ours,
@@ -18,13 +19,15 @@ from fusionlm.checkpoint.hf import (
     write_hf_dir,
 )
 from fusionlm.models.llama import LlamaConfig, llama
+from fusionlm.models.registry import DEFAULT_MODEL, MODELS, resolve
 from fusionlm.modules.decoder import TransformerDecoder
+from fusionlm.tokenizer import Tokenizer
 
 SUPPORTED_HF_MODEL_TYPES = ("llama",)
 
 
 def load_model(
-    source: str | os.PathLike[str],
+    source: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     dtype: torch.dtype = torch.float32,
     attn_backend: str = "sdpa",
@@ -33,9 +36,10 @@ def load_model(
     """Load a pretrained model.
 
     Args:
-        source: a transformers-format directory (``config.json`` + ``model.safetensors``, or
-            shards with ``model.safetensors.index.json``).
-        dtype: the parameters' dtype.
+        source: a registered name (``"smollm2-135m-instruct"``, the default), a ``.gguf``
+            file, or a transformers-format directory (``config.json`` + ``model.safetensors``,
+            or shards with ``model.safetensors.index.json``).
+        dtype: the parameters' dtype (quantized GGUF tensors are dequantized to it).
         attn_backend: ``"eager"``, ``"sdpa"``, ``"flex"`` or a registered backend.
         max_seq_len: override the model's context length.
 
@@ -44,18 +48,49 @@ def load_model(
 
     Raises:
         FileNotFoundError: the source does not exist or lacks its files.
-        ValueError: an unsupported architecture, a broken config, or weights that do not fit.
+        ValueError: an unsupported architecture or format, a broken file, or weights that do
+            not fit the config.
     """
-    path = Path(source)
+    path = resolve(source)
     if path.is_dir():
         model = _load_hf_dir(path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len)
+    elif path.suffix == ".gguf" and path.is_file():
+        checkpoint = read_gguf(path, dtype=dtype)
+        model = llama(
+            checkpoint.config,
+            attn_backend=attn_backend,
+            max_seq_len=max_seq_len,
+            init_weights=False,
+        )
+        assign_weights(model, checkpoint.state_dict, source=str(path))
     elif path.exists():
         raise ValueError(
-            f"{path} is not a model directory; fusionlm reads transformers directories"
+            f"{path}: unsupported format; fusionlm reads .gguf files and transformers directories"
         )
     else:
-        raise FileNotFoundError(f"no model at {path}: expected a transformers model directory")
+        raise FileNotFoundError(
+            f"no model at {path}: expected a registered name {sorted(MODELS)}, a .gguf file or a transformers directory"
+        )
     return model.eval()
+
+
+def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> Tokenizer:
+    """The tokenizer of a registered name, a ``.gguf`` file or a transformers directory.
+
+    Raises:
+        FileNotFoundError: the source or its tokenizer files do not exist.
+        ValueError: an unsupported tokenizer.
+    """
+    path = resolve(source)
+    if path.is_dir():
+        return Tokenizer.from_dir(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
+    if path.exists():
+        raise ValueError(
+            f"{path}: unsupported format; fusionlm reads .gguf files and transformers directories"
+        )
+    raise FileNotFoundError(f"no tokenizer at {path}")
 
 
 def _load_hf_dir(
@@ -102,8 +137,17 @@ def assign_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, source
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
-def save_hf(model: TransformerDecoder, out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``model`` as a transformers directory that ``from_pretrained`` loads.
+def save_hf(
+    model: TransformerDecoder,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Tokenizer | None = None,
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a transformers directory.
+
+    Writes config.json, model.safetensors, generation_config.json and, with a tokenizer,
+    tokenizer.json, tokenizer_config.json (with the chat template) and
+    special_tokens_map.json; ``AutoModelForCausalLM`` and ``AutoTokenizer`` load it.
 
     Returns:
         the directory.
@@ -114,20 +158,67 @@ def save_hf(model: TransformerDecoder, out_dir: str | os.PathLike[str]) -> Path:
     directory = Path(out_dir)
     dtype = next(model.parameters()).dtype
     hf_config = {**config.to_hf(), "dtype": str(dtype).removeprefix("torch.")}
+    eos = (
+        sorted(tokenizer.stop_ids)
+        if tokenizer is not None and tokenizer.stop_ids
+        else config.eos_token_id
+    )
     generation_config = {
-        k: v
-        for k, v in {
-            "bos_token_id": config.bos_token_id,
-            "eos_token_id": config.eos_token_id,
-            "pad_token_id": config.pad_token_id,
-        }.items()
-        if v is not None
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": config.pad_token_id,
     }
     write_hf_dir(
         directory,
         state_dict=model.state_dict(),
         config=hf_config,
         table=LLAMA_KEYS,
-        extra_files={"generation_config.json": json.dumps(generation_config, indent=2) + "\n"},
+        extra_files={
+            "generation_config.json": json.dumps(
+                {k: v for k, v in generation_config.items() if v is not None}, indent=2
+            )
+            + "\n"
+        },
     )
+    if tokenizer is not None:
+        tokenizer.save(directory)
     return directory
+
+
+def describe(source: str | os.PathLike[str] = DEFAULT_MODEL) -> dict[str, str]:
+    """What a model source holds, read from its headers without loading weights.
+
+    Returns:
+        ordered fields: source, format, architecture, parameters, dtype, context,
+        quantization, file size.
+    """
+    path = resolve(source)
+    if path.suffix == ".gguf" and path.is_file():
+        config, quantization = read_gguf_config(path)
+        files, fmt, dtype = [path], "gguf", "per tensor (dequantized at load)"
+    elif path.is_dir():
+        raw = read_config(path)
+        config = LlamaConfig.from_hf(raw)
+        files = sorted(path.glob("*.safetensors"))
+        fmt, quantization = "transformers directory (safetensors)", "none"
+        dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "unknown")
+    elif path.exists():
+        raise ValueError(
+            f"{path}: unsupported format; fusionlm reads .gguf files and transformers directories"
+        )
+    else:
+        raise FileNotFoundError(f"no model at {path}")
+    parameters = sum(p.numel() for p in llama(config, init_weights=False).parameters())
+    return {
+        "source": str(path),
+        "format": fmt,
+        "architecture": (
+            f"llama: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_attention_heads} heads ({config.num_key_value_heads} kv), vocab {config.vocab_size}"
+        ),
+        "parameters": f"{parameters / 1e6:.1f} M",
+        "dtype": dtype,
+        "context": f"{config.max_position_embeddings} tokens (rope {config.rope_type}, theta {config.rope_theta:g})",
+        "quantization": quantization,
+        "file size": f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB",
+    }

@@ -170,17 +170,10 @@ def llama(
             for a loader that assigns checkpoint tensors right after (fast loading).
     """
     max_seq_len = max_seq_len if max_seq_len is not None else config.max_seq_len
-    rope = RotaryEmbedding(
-        config.head_dim,
-        max_seq_len=max_seq_len,
-        base=config.rope_theta,
-        rope_type=config.rope_type,
-        params=config.rope_params,
-        max_position_embeddings=config.max_position_embeddings,
-    )
+    rope = llama_rope(config, max_seq_len=max_seq_len)
     with contextlib.nullcontext() if init_weights else torch.device("meta"):
         layers = [
-            _llama_layer(config, rope=rope, attn_backend=attn_backend, max_seq_len=max_seq_len)
+            llama_layer(config, rope=rope, attn_backend=attn_backend, max_seq_len=max_seq_len)
             for _ in range(config.num_hidden_layers)
         ]
         tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -202,9 +195,33 @@ def llama(
     return model
 
 
-def _llama_layer(
+def llama_rope(config: LlamaConfig, *, max_seq_len: int) -> RotaryEmbedding:
+    """The rotary embedding all of a model's layers share."""
+    return RotaryEmbedding(
+        config.head_dim,
+        max_seq_len=max_seq_len,
+        base=config.rope_theta,
+        rope_type=config.rope_type,
+        params=config.rope_params,
+        max_position_embeddings=config.max_position_embeddings,
+    )
+
+
+def llama_mlp(config: LlamaConfig) -> FeedForward:
+    """The gated feed-forward block of a layer."""
+    d, hidden, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+    return FeedForward(
+        gate_proj=nn.Linear(d, hidden, bias=bias),
+        down_proj=nn.Linear(hidden, d, bias=bias),
+        up_proj=nn.Linear(d, hidden, bias=bias),
+        activation=ACTIVATIONS[config.hidden_act](),
+    )
+
+
+def llama_layer(
     config: LlamaConfig, *, rope: RotaryEmbedding, attn_backend: str, max_seq_len: int
 ) -> TransformerSelfAttentionLayer:
+    """One pre-norm self-attention layer."""
     d, h, h_kv, hd = (
         config.hidden_size,
         config.num_attention_heads,
@@ -226,18 +243,12 @@ def _llama_layer(
         attn_dropout=config.attention_dropout,
         backend=attn_backend,
     )
-    mlp = FeedForward(
-        gate_proj=nn.Linear(d, config.intermediate_size, bias=config.mlp_bias),
-        down_proj=nn.Linear(config.intermediate_size, d, bias=config.mlp_bias),
-        up_proj=nn.Linear(d, config.intermediate_size, bias=config.mlp_bias),
-        activation=ACTIVATIONS[config.hidden_act](),
-    )
     return TransformerSelfAttentionLayer(
         attn,
-        mlp,
+        llama_mlp(config),
         sa_norm=RMSNorm(d, eps=config.rms_norm_eps),
         mlp_norm=RMSNorm(d, eps=config.rms_norm_eps),
     )
 
 
-__all__ = ["LlamaConfig", "llama"]
+__all__ = ["LlamaConfig", "llama", "llama_layer", "llama_mlp", "llama_rope"]

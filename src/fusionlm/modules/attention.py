@@ -249,6 +249,11 @@ class MultiHeadAttention(nn.Module):
         )
         self.cache_enabled = True
 
+    def remove_cache(self) -> None:
+        """Free the cache; the layer runs without one again."""
+        self.kv_cache = None
+        self.cache_enabled = False
+
     def reset_cache(self) -> None:
         """Empty the cache. Raises RuntimeError if none was set up."""
         if self.kv_cache is None:

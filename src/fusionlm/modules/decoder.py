@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusionlm.modules.attention import MultiHeadAttention
-from fusionlm.modules.layers import GradientCheckpointingLayer
+from fusionlm.modules.layers import GradientCheckpointingLayer, TransformerCrossAttentionLayer
 from fusionlm.modules.masks import AttentionMask
 
 
@@ -137,6 +137,12 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             layer.reset_cache()
 
+    def remove_caches(self) -> None:
+        """Free every KV cache; ``forward`` then needs no ``input_pos`` again."""
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.remove_cache()
+
     # -- output ----------------------------------------------------------------------------
 
     def set_num_output_chunks(self, num_output_chunks: int) -> None:
@@ -205,9 +211,17 @@ class TransformerDecoder(nn.Module):
         Raises:
             TypeError: tokens not an integer tensor.
             ValueError: tokens not ``[b, s]``, ids outside the vocabulary, ``s`` beyond
-                ``max_seq_len``, ``input_pos`` missing with caches enabled or of the wrong shape.
+                ``max_seq_len``, ``input_pos`` missing with caches enabled or of the wrong shape,
+                ``encoder_input`` given to a decoder without cross-attention layers.
         """
         b, s = self._check_tokens(tokens)
+        if encoder_input is not None and not any(
+            isinstance(m, TransformerCrossAttentionLayer) for m in self.layers.modules()
+        ):
+            raise ValueError(
+                "encoder_input was given, but this decoder has no cross-attention (fusion) "
+                "layers to read it"
+            )
         caching = self.caches_are_enabled()
         if input_pos is None:
             if caching:

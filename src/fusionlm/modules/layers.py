@@ -11,7 +11,7 @@ reads the encoder input; a cross-attention layer never reads the causal mask).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -144,14 +144,21 @@ class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLay
     With ``TanhGate`` scales at zero the layer is the identity, so a fresh fusion layer leaves
     a pretrained decoder's output unchanged. Keys and values are computed once, when an
     ``encoder_input`` arrives, and read from the cache for the following decode steps.
-    A text row that may attend to no encoder position gets no cross-attention update (zeros,
-    never NaN).
+
+    A text row whose ``encoder_mask`` row is all False (e.g. text before the first image) is
+    handled by ``empty_rows``:
+
+    - ``"skip"``: the row gets no update at all; attention and MLP outputs are zero, never NaN.
+    - ``"attend_all"``: the row attends to every encoder position and only its MLP update is
+      dropped. Some published implementations compute this, and checkpoints converted from
+      them need it to reproduce their outputs.
 
     Args:
         attn: cross-attention (``is_causal=False``, no positional embedding).
         mlp: feed-forward block.
         ca_norm, mlp_norm: norms before attention and MLP (identity if None).
         ca_scale, mlp_scale: per-branch scales, e.g. ``TanhGate`` (identity if None).
+        empty_rows: ``"skip"`` or ``"attend_all"``, see above.
     """
 
     def __init__(
@@ -163,18 +170,22 @@ class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLay
         mlp_norm: nn.Module | None = None,
         ca_scale: nn.Module | None = None,
         mlp_scale: nn.Module | None = None,
+        empty_rows: Literal["skip", "attend_all"] = "skip",
     ) -> None:
         super().__init__()
         if attn.pos_embeddings is not None or attn.is_causal:
             raise ValueError(
                 "cross-attention must be built with is_causal=False and no pos_embeddings"
             )
+        if empty_rows not in ("skip", "attend_all"):
+            raise ValueError(f"empty_rows must be 'skip' or 'attend_all', got {empty_rows!r}")
         self.attn = attn
         self.mlp = mlp
         self.ca_norm = ca_norm if ca_norm is not None else nn.Identity()
         self.mlp_norm = mlp_norm if mlp_norm is not None else nn.Identity()
         self.ca_scale = ca_scale if ca_scale is not None else nn.Identity()
         self.mlp_scale = mlp_scale if mlp_scale is not None else nn.Identity()
+        self.empty_rows = empty_rows
 
     def setup_caches(
         self,
@@ -206,7 +217,11 @@ class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLay
             encoder_input: ``[b, s_e, d_e]``; None while decoding from the cache, or when
                 there is nothing to attend to (the layer then returns ``x``).
             encoder_mask: bool ``[b, s, s_e]``, True where text token i may see encoder
-                position j. None: every text token sees every encoder position.
+                position j (``s_e`` counts the cached positions while decoding). None: every
+                text token sees every encoder position.
+
+        Raises:
+            ValueError: ``encoder_mask`` is not bool or does not fit ``[b, s, s_e]``.
         """
         cached = self.caches_are_enabled() and self.attn.kv_cache.size > 0
         if encoder_input is None and not cached:
@@ -214,18 +229,32 @@ class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLay
         if encoder_input is not None and self.caches_are_enabled():
             # A new encoder input replaces the one cached for the previous prompt.
             self.attn.reset_cache()
+        sees_any = None
         if encoder_mask is not None:
-            encoder_mask = encoder_mask.unsqueeze(1) if encoder_mask.dim() == 3 else encoder_mask
+            s_e = encoder_input.shape[1] if encoder_input is not None else self.attn.kv_cache.size
+            _check_encoder_mask(encoder_mask, b=x.shape[0], s=x.shape[1], s_e=s_e)
+            sees_any = encoder_mask.any(dim=-1, keepdim=True)  # [b, s, 1]
+            if self.empty_rows == "attend_all":
+                encoder_mask = encoder_mask | ~sees_any
+            encoder_mask = encoder_mask.unsqueeze(1)
         attn_out = self.attn(self.ca_norm(x), encoder_input, mask=encoder_mask)
-        if encoder_mask is not None:
-            # Rows that see no encoder position skip the update entirely, MLP included.
-            sees_any = encoder_mask.any(dim=-1).any(dim=1).unsqueeze(-1)  # [b, s, 1]
-            attn_out = attn_out * sees_any
+        if sees_any is not None and self.empty_rows == "skip":
+            attn_out = torch.where(sees_any, attn_out, 0.0)
         h = x + self.ca_scale(attn_out)
         mlp_out = self.mlp(self.mlp_norm(h))
-        if encoder_mask is not None:
-            mlp_out = mlp_out * sees_any
+        if sees_any is not None:
+            mlp_out = torch.where(sees_any, mlp_out, 0.0)
         return h + self.mlp_scale(mlp_out)
+
+
+def _check_encoder_mask(encoder_mask: Tensor, *, b: int, s: int, s_e: int) -> None:
+    if encoder_mask.dtype != torch.bool:
+        raise ValueError(f"encoder_mask must be bool (True = may attend), got {encoder_mask.dtype}")
+    if encoder_mask.dim() != 3 or tuple(encoder_mask.shape) not in ((b, s, s_e), (1, s, s_e)):
+        raise ValueError(
+            f"encoder_mask of shape {tuple(encoder_mask.shape)} does not fit "
+            f"[b, s, s_e] = [{b}, {s}, {s_e}] ({s_e} encoder positions)"
+        )
 
 
 __all__ = [

@@ -1,0 +1,5 @@
+"""``python -m fusionlm`` is the ``fusionlm`` command."""
+
+from fusionlm.cli import main
+
+raise SystemExit(main())

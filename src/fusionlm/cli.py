@@ -1,0 +1,208 @@
+"""The ``fusionlm`` command: parse, call the library, print.
+
+Errors the user caused (a missing file, a bad option value, a prompt too long) print one
+line to stderr and exit with status 2; set ``FUSIONLM_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fusionlm.generation import GenerationStats, SamplingParams, generate_stream
+from fusionlm.loading import describe, load_model, load_tokenizer, save_hf
+from fusionlm.models.registry import DEFAULT_MODEL
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        return args.run(args)
+    except (UsageError, ValueError, TypeError, OSError) as e:
+        if os.environ.get("FUSIONLM_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"fusionlm: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusionlm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"registered name, .gguf file or HF directory (default {DEFAULT_MODEL})",
+    )
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    model.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
+    )
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--max-new-tokens", type=int, default=256)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-k", type=int, default=None)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--min-p", type=float, default=None)
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sampling.add_argument("--system", default=None, help="system message for chat models")
+
+    gen = commands.add_parser(
+        "generate", parents=[model, sampling], help="continue a prompt, streaming to stdout"
+    )
+    gen.add_argument("prompt")
+    gen.add_argument(
+        "--raw", action="store_true", help="send the prompt as is, without the chat template"
+    )
+    gen.set_defaults(run=run_generate)
+
+    chat = commands.add_parser(
+        "chat", parents=[model, sampling], help="interactive chat; /reset clears, Ctrl-D exits"
+    )
+    chat.set_defaults(run=run_chat)
+
+    convert = commands.add_parser(
+        "convert", parents=[model], help="write a model as a transformers directory"
+    )
+    convert.add_argument("source")
+    convert.add_argument("out_dir")
+    convert.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    convert.set_defaults(run=run_convert)
+
+    info = commands.add_parser("info", help="describe a model without loading its weights")
+    info.add_argument("source", nargs="?", default=DEFAULT_MODEL)
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def _load(args: argparse.Namespace):
+    started = time.perf_counter()
+    model = load_model(args.model, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.model)
+    return model, tokenizer, time.perf_counter() - started
+
+
+def _messages(args: argparse.Namespace, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": args.system}] if args.system else []) + turns
+
+
+def _stream_reply(
+    model, tokenizer, ids: list[int], args: argparse.Namespace
+) -> tuple[str, GenerationStats]:
+    stats = GenerationStats()
+    pieces = []
+    for piece in generate_stream(
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        sampling=_sampling(args),
+        seed=args.seed,
+        stop_strings=args.stop,
+        stats=stats,
+    ):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces), stats
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    _sampling(args)  # validate options before the model loads
+    model, tokenizer, load_s = _load(args)
+    if tokenizer.is_chat and not args.raw:
+        text = tokenizer.apply_chat_template(
+            _messages(args, [{"role": "user", "content": args.prompt}])
+        )
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(args.prompt)
+    _, stats = _stream_reply(model, tokenizer, ids, args)
+    print(f"load {load_s:.2f} s | {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    _sampling(args)
+    model, tokenizer, load_s = _load(args)
+    if not tokenizer.is_chat:
+        raise UsageError(f"{args.model} has no chat template; use `fusionlm generate --raw`")
+    print(
+        f"loaded {args.model} in {load_s:.2f} s; /reset clears the history, Ctrl-D exits",
+        file=sys.stderr,
+    )
+    turns: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() == "/reset":
+            turns.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        turns.append({"role": "user", "content": line})
+        text = tokenizer.apply_chat_template(_messages(args, turns))
+        reply, stats = _stream_reply(
+            model, tokenizer, tokenizer.encode(text, add_special_tokens=False), args
+        )
+        turns.append({"role": "assistant", "content": reply})
+        print(f"[{stats.summary()}]", file=sys.stderr)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"{out} is not empty; choose another directory or pass --force")
+    model = load_model(args.source, dtype=DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.source)
+    save_hf(model, out, tokenizer=tokenizer)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    for key, value in describe(args.source).items():
+        print(f"{key:<14} {value}")
+    return 0

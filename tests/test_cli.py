@@ -1,0 +1,117 @@
+"""The fusionlm command: generate, info, convert, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fusionlm
+from fusionlm.cli import main
+from fusionlm.models.registry import DEFAULT_MODEL, MODELS
+
+
+@pytest.mark.slow
+def test_generate_streams_an_answer(capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "What is the capital of France?",
+                "--max-new-tokens",
+                "12",
+                "--threads",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert "Paris" in out
+    assert "tok/s" in err and "load" in err
+
+
+def test_info_describes_the_default_model(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "30 layers, hidden 576, 9 heads (3 kv), vocab 49152" in out
+    assert "Q4_1" in out and "134.5 M" in out and "8192 tokens" in out
+
+
+@pytest.mark.slow
+def test_convert_gives_a_directory_transformers_loads_with_equal_logits(tmp_path, capsys):
+    import transformers
+
+    out = tmp_path / "hf"
+    assert main(["convert", DEFAULT_MODEL, str(out)]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = fusionlm.load_model(DEFAULT_MODEL)
+    tok = fusionlm.load_tokenizer(DEFAULT_MODEL)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hello there!"}])
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(
+        text, add_special_tokens=False
+    )
+    tokens = torch.tensor([tok.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, ours(tokens), atol=1e-4, rtol=0)
+    assert fusionlm.load_model(out)(tokens).shape == (1, tokens.shape[1], 49152)
+    assert main(["convert", DEFAULT_MODEL, str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def one_line_error(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fusionlm: error:"), captured.err
+    assert message in lines[0]
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "   "], "the prompt is empty"),
+        (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["generate", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
+        (["generate", "hi", "--threads", "0"], "--threads must be >= 1"),
+        (["generate", "hi", "--model", "/no/such/model.gguf"], "no model at /no/such/model.gguf"),
+        (["info", "/no/such/dir"], "no model at"),
+    ],
+)
+def test_user_errors_print_one_line(capsys, argv, message):
+    one_line_error(capsys, argv, message)
+
+
+def test_truncated_gguf_is_one_line(capsys, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(MODELS[DEFAULT_MODEL].path().read_bytes()[:100_000])
+    one_line_error(capsys, ["generate", "hi", "--model", str(broken)], "truncated or corrupt")
+
+
+def test_prompt_longer_than_context_is_one_line(capsys, tmp_path, hf_llama_dir):
+    directory, _ = hf_llama_dir
+    model_dir = tmp_path / "m"
+    shutil.copytree(directory, model_dir)
+    tok = fusionlm.load_tokenizer(DEFAULT_MODEL)
+    tok.save(model_dir)  # the tiny model's vocabulary is smaller; --raw ids stay < 96 for this text
+    one_line_error(
+        capsys,
+        ["generate", "a " * 200, "--raw", "--model", str(model_dir)],
+        "exceeds the model's context",
+    )
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "fusionlm", "info", "/nope"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stderr.startswith("fusionlm: error:")
