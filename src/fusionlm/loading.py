@@ -18,12 +18,14 @@ from fusionlm.checkpoint.hf import (
     read_safetensors,
     write_hf_dir,
 )
+from fusionlm.checkpoint.mllama import load_mllama_dir
 from fusionlm.models.llama import LlamaConfig, llama
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS, resolve
 from fusionlm.modules.decoder import TransformerDecoder
+from fusionlm.modules.fusion import DeepFusionModel
 from fusionlm.tokenizer import Tokenizer
 
-SUPPORTED_HF_MODEL_TYPES = ("llama",)
+SUPPORTED_HF_MODEL_TYPES = ("llama", "mllama")
 
 
 def load_model(
@@ -32,13 +34,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_backend: str = "sdpa",
     max_seq_len: int | None = None,
-) -> TransformerDecoder:
+) -> TransformerDecoder | DeepFusionModel:
     """Load a pretrained model.
 
     Args:
         source: a registered name (``"smollm2-135m-instruct"``, the default), a ``.gguf``
             file, or a transformers-format directory (``config.json`` + ``model.safetensors``,
-            or shards with ``model.safetensors.index.json``).
+            or shards with ``model.safetensors.index.json``) of a Llama (``TransformerDecoder``)
+            or an Mllama / Llama 3.2 Vision model (``DeepFusionModel``).
         dtype: the parameters' dtype (quantized GGUF tensors are dequantized to it).
         attn_backend: ``"eager"``, ``"sdpa"``, ``"flex"`` or a registered backend.
         max_seq_len: override the model's context length.
@@ -95,12 +98,16 @@ def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> Tokenizer:
 
 def _load_hf_dir(
     directory: Path, *, dtype: torch.dtype, attn_backend: str, max_seq_len: int | None
-) -> TransformerDecoder:
+) -> TransformerDecoder | DeepFusionModel:
     raw_config = read_config(directory)
     model_type = raw_config.get("model_type")
     if model_type not in SUPPORTED_HF_MODEL_TYPES:
         raise ValueError(
             f"{directory}: unsupported architecture model_type={model_type!r}; supported: {list(SUPPORTED_HF_MODEL_TYPES)}"
+        )
+    if model_type == "mllama":
+        return load_mllama_dir(
+            directory, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len
         )
     config = LlamaConfig.from_hf(raw_config)
     state_dict = hf_to_ours(
