@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: install test lint format generate peers clean
+.PHONY: install test lint format generate peers bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,3 +34,11 @@ generate: install
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+
+# The peers benchmarks/compare.py measures against; llama-cpp-python compiles llama.cpp (~8 min).
+# Kept out of `make test`.
+peers: install
+	$(PY) -m pip install --quiet llama-cpp-python gguf accelerate
+
+bench: peers
+	$(PY) benchmarks/compare.py

@@ -115,3 +115,40 @@ def test_python_dash_m_runs_the_command():
         [sys.executable, "-m", "fusionlm", "info", "/nope"], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.startswith("fusionlm: error:")
+
+
+def test_bench_prints_one_json_object(capsys):
+    import json
+
+    argv = [
+        "bench",
+        "--json",
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "3",
+        "--prefill-len",
+        "8",
+        "--repeats",
+        "1",
+        "--quant",
+        "int8",
+    ]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"load_s", "warmup_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"} <= set(result)
+    assert result["quant"] == "int8" and all(
+        result[k] > 0 for k in ("prefill_tok_s", "decode_tok_s")
+    )
+
+
+def test_eval_perplexity(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    assert main(["eval", "--perplexity", str(text), "--window", "16"]) == 0
+    assert capsys.readouterr().out.startswith("perplexity ")
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    one_line_error(capsys, ["eval", "--perplexity", str(binary)], "is not UTF-8 text")
+    one_line_error(capsys, ["eval", "--perplexity", str(tmp_path / "none.txt")], "No such file")
+    one_line_error(capsys, ["bench", "--new-tokens", "1"], "--new-tokens must be >= 2")

@@ -7,6 +7,8 @@ line to stderr and exit with status 2; set ``FUSIONLM_DEBUG=1`` to see the trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from fusionlm.evaluation import perplexity
 from fusionlm.generation import GenerationStats, SamplingParams, generate_stream
-from fusionlm.loading import describe, load_model, load_tokenizer, save_hf
+from fusionlm.inference.benchmark import benchmark
+from fusionlm.loading import QUANTIZATIONS, describe, load_model, load_tokenizer, save_hf
 from fusionlm.models.registry import DEFAULT_MODEL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     model.add_argument(
+        "--quant", choices=QUANTIZATIONS, default="none", help="int8: weight-only int8 linears"
+    )
+    model.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
     )
 
@@ -94,9 +101,34 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="write into a non-empty directory")
     convert.set_defaults(run=run_convert)
 
+    bench = commands.add_parser(
+        "bench", parents=[model], help="measure load, prefill and decode speed (batch 1)"
+    )
+    bench.add_argument("--prompt-len", type=int, default=32)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--prefill-len", type=int, default=512)
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(run=run_bench)
+
+    evaluate = commands.add_parser("eval", parents=[model], help="measure model quality")
+    evaluate.add_argument(
+        "--perplexity", required=True, metavar="FILE", help="UTF-8 text file to score"
+    )
+    evaluate.add_argument("--window", type=int, default=512, help="tokens per scored window")
+    evaluate.set_defaults(run=run_eval)
+
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("source", nargs="?", default=DEFAULT_MODEL)
     info.set_defaults(run=run_info)
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a model (full or LoRA) from a TOML config; torchrun shards it with FSDP2",
+    )
+    finetune.add_argument("config", help="TOML file of key = value lines (see docs/finetuning.md)")
+    finetune.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key")
+    finetune.set_defaults(run=run_finetune)
     return parser
 
 
@@ -112,7 +144,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def _load(args: argparse.Namespace):
     started = time.perf_counter()
-    model = load_model(args.model, dtype=DTYPES[args.dtype])
+    model = load_model(args.model, dtype=DTYPES[args.dtype], quant=args.quant)
     tokenizer = load_tokenizer(args.model)
     return model, tokenizer, time.perf_counter() - started
 
@@ -202,7 +234,56 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    for name in ("prompt_len", "new_tokens", "prefill_len"):
+        if getattr(args, name) < 2:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 2")
+    if args.repeats < 1:
+        raise UsageError("--repeats must be >= 1")
+    result = benchmark(
+        args.model,
+        dtype=DTYPES[args.dtype],
+        quant=args.quant,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        prefill_len=args.prefill_len,
+        repeats=args.repeats,
+    )
+    fields = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "quant": args.quant,
+        "threads": torch.get_num_threads(),
+        **dataclasses.asdict(result),
+    }
+    if args.json:
+        print(json.dumps(fields))
+    else:
+        for key, value in fields.items():
+            print(f"{key:<14} {value:.2f}" if isinstance(value, float) else f"{key:<14} {value}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    path = Path(args.perplexity)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text: {e}") from None
+    model, tokenizer, _ = _load(args)
+    ids = tokenizer.encode(text)
+    print(f"perplexity {perplexity(model, ids, window=args.window):.4f} ({len(ids)} tokens)")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     for key, value in describe(args.source).items():
         print(f"{key:<14} {value}")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from fusionlm.training import finetune, load_config
+
+    finetune(load_config(args.config, args.overrides))
     return 0

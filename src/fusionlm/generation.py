@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +21,7 @@ from fusionlm.modules import masks
 from fusionlm.modules.decoder import TransformerDecoder
 
 if TYPE_CHECKING:
+    from fusionlm.images import ImageLike
     from fusionlm.tokenizer import Tokenizer
 
 
@@ -131,6 +132,8 @@ def generate_tokens(
     seed: int | None = None,
     stop_tokens: Iterable[int] = (),
     pad_id: int = 0,
+    encoder_input: Mapping[str, Tensor] | None = None,
+    encoder_mask: Tensor | None = None,
 ) -> Iterator[list[int | None]]:
     """The token loop: yields, per step, each row's new token (None once a row has stopped).
 
@@ -138,9 +141,17 @@ def generate_tokens(
     the loop ends; the loop ends when every row has stopped or after ``max_new_tokens``.
     The loop sets up KV caches sized for this batch and removes them when it ends.
 
+    A fusion model (``DeepFusionModel``) reads ``encoder_input`` at the prefill only: its
+    cross-attention keys and values are cached, and decode steps pass no encoder input.
+    ``encoder_mask`` (bool ``[b, longest prompt, s_e]``, row i's prompt in its last
+    ``len(prompt_i)`` columns, as the batch is left-padded) says which encoder positions each
+    prompt token sees; each generated token sees what its row's last prompt token sees.
+    ``fusionlm.models.fusion.image_inputs`` makes both from images.
+
     Raises:
-        ValueError: no prompts, an empty prompt, ids outside the vocabulary, or a prompt plus
-            ``max_new_tokens`` longer than the model's context.
+        ValueError: no prompts, an empty prompt, ids outside the vocabulary, a prompt plus
+            ``max_new_tokens`` longer than the model's context, or an encoder input without
+            an encoder mask of shape ``[b, longest prompt, s_e]`` (or the reverse).
     """
     if not prompts:
         raise ValueError("generate needs at least one prompt")
@@ -166,12 +177,21 @@ def generate_tokens(
         keep[i, longest - len(prompt) : longest] = True
     positions = (keep[:, :longest].cumsum(-1) - 1).clamp(min=0)
     padded = min(lengths) != longest
+    encoder_input, encoder_mask = _check_encoder_input(
+        encoder_input, encoder_mask, shape=(b, longest), device=device
+    )
 
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-    model.setup_caches(b, model.tok_embeddings.weight.dtype, decoder_max_seq_len=total)
+    model.setup_caches(
+        b,
+        model.tok_embeddings.weight.dtype,
+        # Cross-attention layers of a fusion model given no encoder input get an empty cache.
+        encoder_max_seq_len=encoder_mask.shape[-1] if encoder_mask is not None else 0,
+        decoder_max_seq_len=total,
+    )
     # Padding must not count as "seen" for the repetition penalty: stand in each row's last
     # prompt token, which is in its history anyway.
     history = torch.where(keep[:, :longest], tokens, tokens[:, -1:])
@@ -183,11 +203,19 @@ def generate_tokens(
         )
     # A decode step attends to every filled slot except padding; the cache trims to the filled length.
     step_mask = keep[:, None, None, :] if padded else None
+    step_encoder_mask = encoder_mask[:, -1:] if encoder_mask is not None else None
 
     done = torch.zeros(b, dtype=torch.bool, device=device)
     try:
         with torch.inference_mode():
-            logits = model(tokens, mask=prefill_mask, input_pos=positions)[:, -1]
+            logits = model(
+                tokens,
+                mask=prefill_mask,
+                encoder_input=encoder_input,
+                encoder_mask=encoder_mask,
+                input_pos=positions,
+                logits_to_keep=1,
+            )[:, -1]
             position = positions[:, -1:]
             for _ in range(max_new_tokens):
                 next_tokens = sample(logits, sampling, history=history, generator=generator)
@@ -200,10 +228,59 @@ def generate_tokens(
                     return
                 history = torch.cat([history, next_tokens[:, None]], dim=1)
                 position = position + 1
-                logits = model(next_tokens[:, None], mask=step_mask, input_pos=position)[:, -1]
+                logits = model(
+                    next_tokens[:, None],
+                    mask=step_mask,
+                    encoder_mask=step_encoder_mask,
+                    input_pos=position,
+                )[:, -1]
     finally:
         # The caches belong to this call; the model goes back to plain forward passes.
         model.remove_caches()
+
+
+def _check_encoder_input(
+    encoder_input: Mapping[str, Tensor] | None,
+    encoder_mask: Tensor | None,
+    *,
+    shape: tuple[int, int],
+    device: torch.device,
+) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+    """The encoder input and mask on ``device``, checked against the padded prompts ``[b, s]``."""
+    if encoder_input is None and encoder_mask is None:
+        return None, None
+    if encoder_input is None or encoder_mask is None:
+        raise ValueError(
+            "encoder_input and encoder_mask go together: the mask [b, longest prompt, s_e] says "
+            "which encoder positions each prompt token sees"
+        )
+    if not isinstance(encoder_input, Mapping):
+        raise TypeError(
+            "encoder_input must be a dict of the encoder's keyword arguments, got "
+            f"{type(encoder_input).__name__}"
+        )
+    fits = encoder_mask.dim() == 3 and tuple(encoder_mask.shape[:2]) == shape
+    if encoder_mask.dtype != torch.bool or not fits:
+        raise ValueError(
+            f"encoder_mask must be bool [b, longest prompt, s_e] = [{shape[0]}, {shape[1]}, s_e], "
+            f"got {encoder_mask.dtype} {tuple(encoder_mask.shape)}"
+        )
+    moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in encoder_input.items()}
+    return moved, encoder_mask.to(device)
+
+
+def _image_inputs(
+    model: TransformerDecoder,
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[Sequence[ImageLike]] | None,
+) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+    if images is None:
+        return None, None
+    # Imported here: the model families' image preparation is not needed for text.
+    from fusionlm.models.fusion import image_inputs
+
+    prepared = image_inputs(model, prompts, images)
+    return prepared if prepared is not None else (None, None)
 
 
 def generate(
@@ -220,11 +297,12 @@ def generate(
     stop_tokens: Iterable[int] | None = None,
     stop_strings: Sequence[str] | None = None,
     tokenizer: Tokenizer | None = None,
+    images: Sequence[Sequence[ImageLike]] | None = None,
 ) -> list[list[int]]:
     """Generate continuations of a batch of token-id prompts.
 
     Args:
-        model: a decoder.
+        model: a decoder, or a fusion model (``DeepFusionModel``) for ``images``.
         prompts: token ids per prompt; lengths may differ (left-padded internally).
         max_new_tokens: the most tokens to add per prompt.
         temperature, top_k, top_p, min_p, repetition_penalty: see ``SamplingParams``.
@@ -234,12 +312,17 @@ def generate(
             keeps the tokens up to and including the one completing the string. Needs
             ``tokenizer``.
         tokenizer: decodes outputs for ``stop_strings``.
+        images: one list of images per prompt (Pillow images or ``[c, h, w]`` tensors; an
+            empty list for a prompt without), encoded once at the prefill. For Llama 3.2
+            Vision each image needs its ``<|image|>`` token in the prompt (see
+            ``fusionlm.models.fusion.image_inputs``).
 
     Returns:
         the new tokens of each prompt (not the prompt).
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the output")
+    encoder_input, encoder_mask = _image_inputs(model, prompts, images)
     sampling = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -257,6 +340,8 @@ def generate(
         sampling=sampling,
         seed=seed,
         stop_tokens=stop_ids,
+        encoder_input=encoder_input,
+        encoder_mask=encoder_mask,
     ):
         for i, token in enumerate(step):
             if token is None or finished[i]:
@@ -283,13 +368,16 @@ def generate_stream(
     stop_tokens: Iterable[int] | None = None,
     stop_strings: Sequence[str] = (),
     stats: GenerationStats | None = None,
+    images: Sequence[ImageLike] = (),
 ) -> Iterator[str]:
     """Yield the text of one prompt's continuation as it is generated.
 
     Multi-byte characters are never split; text that might be the start of a stop string is
     held back until it is not, and a stop string itself is never yielded. ``stop_tokens``
     defaults to the tokenizer's end-of-turn ids. ``stats``, if given, is filled in.
+    ``images`` are the prompt's images, as for ``generate``.
     """
+    encoder_input, encoder_mask = _image_inputs(model, [prompt], [list(images)])
     decoder = tokenizer.stream_decoder()
     stop_ids = set(tokenizer.stop_ids if stop_tokens is None else stop_tokens)
     stats = stats if stats is not None else GenerationStats()
@@ -303,6 +391,8 @@ def generate_stream(
         sampling=sampling or SamplingParams(),
         seed=seed,
         stop_tokens=stop_ids,
+        encoder_input=encoder_input,
+        encoder_mask=encoder_mask,
     ):
         now = time.perf_counter()
         if stats.new_tokens == 0:

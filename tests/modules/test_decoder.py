@@ -284,3 +284,29 @@ def test_bad_masks_and_positions_are_named():
 
 def test_public_api_is_reexported():
     assert fusionlm.load_model is not None and fusionlm.TransformerDecoder is TransformerDecoder
+
+
+def test_cache_never_attends_to_unwritten_slots():
+    """Poison every slot after the filled prefix: a cache that read them would produce NaN."""
+    model = tiny()
+    tokens = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(1, torch.float32, decoder_max_seq_len=32)
+        for layer in model.layers:
+            layer.attn.kv_cache.k_cache.fill_(float("nan"))
+            layer.attn.kv_cache.v_cache.fill_(float("nan"))
+        steps = [model(tokens[:, :5], input_pos=torch.arange(5))]
+        for i in range(5, 9):
+            steps.append(model(tokens[:, i : i + 1], input_pos=torch.tensor([i])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_logits_to_keep_projects_only_the_last_positions():
+    model = tiny()
+    tokens = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        full = model(tokens)
+        last = model(tokens, logits_to_keep=2)
+    assert last.shape == (2, 2, 96)
+    torch.testing.assert_close(last, full[:, -2:], atol=1e-6, rtol=0)

@@ -87,24 +87,26 @@ def eager_attention(
     scale: float,
     dropout: float,
 ) -> Tensor:
-    """Plain matmul-softmax-matmul in fp32 softmax, the reference every backend is tested against."""
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * scale
+    """Matmul, fp32 softmax, matmul: the reference every backend is tested against.
+
+    Query heads are grouped onto their key/value head by a view, never by copying keys.
+    """
+    b, h, s_q, d = q.shape
+    h_kv, s_kv = k.shape[1], k.shape[2]
+    q = q.view(b, h_kv, h // h_kv, s_q, d)
+    scores = (q @ k.unsqueeze(2).transpose(-2, -1)) * scale  # [b, h_kv, g, s_q, s_kv]
     if mask is None and is_causal:
-        mask = to_bool_mask(
-            causal(), batch_size=1, q_len=q.shape[2], kv_len=k.shape[2], device=q.device
-        )
+        mask = to_bool_mask(causal(), batch_size=1, q_len=s_q, kv_len=s_kv, device=q.device)
     if mask is not None:
         mask = as_bool_mask(mask)
+        mask = mask.view(mask.shape[0], -1, h // h_kv if mask.shape[1] > 1 else 1, s_q, s_kv)
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if mask is not None:
         # An all-masked row softmaxes to NaN; such a query attends to nothing and outputs zeros.
         probs = torch.where(mask.any(dim=-1, keepdim=True), probs, 0.0)
     probs = F.dropout(probs.to(q.dtype), p=dropout)
-    return probs @ v
+    return (probs @ v.unsqueeze(2)).view(b, h, s_q, d)
 
 
 @register_attention_backend("sdpa")
@@ -118,7 +120,13 @@ def sdpa_attention(
     scale: float,
     dropout: float,
 ) -> Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available)."""
+    """``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available).
+
+    A single query (a decode step) takes the grouped matmul path instead: on CPU the fused
+    kernel costs ~3 ms per call there, more than the whole layer's weights.
+    """
+    if q.shape[2] == 1 and dropout == 0.0:
+        return eager_attention(q, k, v, mask=mask, is_causal=False, scale=scale, dropout=0.0)
     return F.scaled_dot_product_attention(
         q,
         k,

@@ -191,6 +191,7 @@ class TransformerDecoder(nn.Module):
         encoder_input: Tensor | None = None,
         encoder_mask: Tensor | None = None,
         input_pos: Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> Tensor | list[Tensor]:
         """Logits for ``tokens``.
 
@@ -203,6 +204,9 @@ class TransformerDecoder(nn.Module):
             input_pos: positions ``[b, s]`` (or ``[s]`` for every row). Required with caches
                 enabled; defaults to ``0..s-1`` otherwise. Packed rows restart positions per
                 document; left-padded rows shift them right.
+            logits_to_keep: project only the last this-many positions to logits (0: all).
+                Generation keeps 1: the output projection is a fifth of a small model's
+                FLOPs, wasted on prompt positions whose logits nobody reads.
 
         Returns:
             ``[b, s, v]`` logits; a list of ``num_output_chunks`` chunks if chunking is set; with
@@ -247,6 +251,8 @@ class TransformerDecoder(nn.Module):
                 encoder_mask=encoder_mask,
                 input_pos=input_pos,
             )
+        if logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
         h = self.norm(h)
         output = self.chunked_output(h) if self.num_output_chunks > 0 else self.output(h)
         return [*hidden, output] if hidden else output

@@ -291,6 +291,7 @@ class DeepFusionModel(nn.Module):
         encoder_input: Mapping[str, Tensor] | None = None,
         encoder_mask: Tensor | None = None,
         input_pos: Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> Tensor | list[Tensor]:
         """Logits for ``tokens``, reading the encoded ``encoder_input``.
 
@@ -301,6 +302,7 @@ class DeepFusionModel(nn.Module):
                 for text only, or while decoding from the cross-attention caches.
             encoder_mask: bool ``[b, s, s_e]``, True where token i may see encoder position j.
             input_pos: positions ``[b, s]``, as for ``TransformerDecoder``.
+            logits_to_keep: as for ``TransformerDecoder``.
 
         Returns:
             as ``TransformerDecoder.forward``.
@@ -319,7 +321,12 @@ class DeepFusionModel(nn.Module):
                 )
             embeds = self.encoder(**encoder_input)
         return self.decoder(
-            tokens, mask=mask, encoder_input=embeds, encoder_mask=encoder_mask, input_pos=input_pos
+            tokens,
+            mask=mask,
+            encoder_input=embeds,
+            encoder_mask=encoder_mask,
+            input_pos=input_pos,
+            logits_to_keep=logits_to_keep,
         )
 
 

@@ -1,0 +1,237 @@
+"""fusionlm vs transformers vs llama.cpp on the same weights, in one run, as a markdown table.
+
+    make peers                      # llama-cpp-python (compiles llama.cpp, ~8 min), once
+    .venv/bin/python benchmarks/compare.py [--threads 2] [--systems fusionlm,transformers,llama.cpp]
+
+Every measurement runs in a fresh subprocess (so peak RSS and thread settings are its own),
+at batch size 1: decode = ``--new-tokens`` greedy tokens after a ``--prompt-len`` prompt,
+prefill = a ``--prefill-len`` prompt. The weights are the default model's (SmolLM2-135M-Instruct,
+shipped as Q4_1): fusionlm and transformers dequantize it at load; llama.cpp gets F32 / BF16 /
+Q8_0 files made from it by llama.cpp's own quantizer (cached under benchmarks/.cache/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+CACHE = Path(__file__).parent / ".cache"
+MODES = {  # mode -> (fusionlm options, transformers dtype, llama.cpp file type)
+    "fp32": (["--dtype", "float32"], "float32", "F32"),
+    "bf16": (["--dtype", "bfloat16"], "bfloat16", "BF16"),
+    "int8": (["--quant", "int8"], None, "Q8_0"),
+}
+LLAMA_FTYPES = {"F32": 0, "BF16": 32, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_* values
+
+
+def default_gguf() -> Path:
+    from fusionlm.models.registry import DEFAULT_MODEL, MODELS
+
+    return MODELS[DEFAULT_MODEL].path()
+
+
+def child(argv: list[str]) -> dict:
+    """Run ``compare.py --child ...`` in a fresh interpreter; its last stdout line is JSON."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{argv} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_fusionlm(mode: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "fusionlm", "bench", "--json", *MODES[mode][0]]
+    cmd += ["--threads", str(args.threads), "--prompt-len", str(args.prompt_len)]
+    cmd += ["--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"fusionlm bench failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def measure_transformers(dtype: str, args: argparse.Namespace) -> dict:
+    import warnings
+
+    import torch
+    import transformers
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    path = default_gguf()
+    started = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=getattr(torch, dtype)
+    ).eval()
+    load_s = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(0)
+
+    def timed(n_prompt: int, n_new: int) -> float:
+        ids = torch.randint(0, model.config.vocab_size, (1, n_prompt), generator=generator)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    timed(args.prompt_len, 4)
+    warmup_s = time.perf_counter() - started
+    first = min(timed(args.prompt_len, 1) for _ in range(2))
+    whole = min(timed(args.prompt_len, args.new_tokens) for _ in range(2))
+    prefill = min(timed(args.prefill_len, 1) for _ in range(2))
+    return {
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "prefill_tok_s": args.prefill_len / prefill,
+        "decode_tok_s": (args.new_tokens - 1) / (whole - first),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def llama_cpp_file(ftype: str) -> Path:
+    """The default model requantized by llama.cpp itself (allow_requantize: from Q4_1)."""
+    import llama_cpp
+
+    target = CACHE / f"smollm2-135m-instruct.{ftype}.gguf"
+    if not target.exists():
+        CACHE.mkdir(exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_FTYPES[ftype]
+        params.allow_requantize = True
+        partial = target.with_suffix(".partial")
+        if (
+            llama_cpp.llama_model_quantize(
+                str(default_gguf()).encode(), str(partial).encode(), params
+            )
+            != 0
+        ):
+            raise RuntimeError(f"llama.cpp could not quantize to {ftype}")
+        partial.rename(target)
+    return target
+
+
+def measure_llama_cpp(ftype: str, args: argparse.Namespace) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    path = llama_cpp_file(ftype)
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=1024,
+        n_batch=args.prefill_len,
+        n_threads=args.threads,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+
+    def prompt(n: int) -> list[int]:
+        return rng.integers(0, llm.n_vocab(), n).tolist()
+
+    def prefill(tokens: list[int]) -> float:
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(tokens)
+        return time.perf_counter() - started
+
+    def decode(tokens: list[int]) -> float:
+        prefill(tokens)
+        started = time.perf_counter()
+        for _ in range(args.new_tokens - 1):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    decode(prompt(args.prompt_len))
+    warmup_s = time.perf_counter() - started
+    return {
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "prefill_tok_s": args.prefill_len
+        / min(prefill(prompt(args.prefill_len)) for _ in range(3)),
+        "decode_tok_s": (args.new_tokens - 1)
+        / min(decode(prompt(args.prompt_len)) for _ in range(3)),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| mode | system | load s | decode tok/s | prefill tok/s | peak RSS MB | decode vs llama.cpp | prefill vs llama.cpp | decode vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        peers = {r["system"]: r for r in rows if r["mode"] == row["mode"]}
+
+        def ratio(key: str, peer: str, row: dict = row, peers: dict = peers) -> str:
+            return (
+                f"{row[key] / peers[peer][key]:.2f}x"
+                if row["system"] == "fusionlm" and peer in peers
+                else ""
+            )
+
+        lines.append(
+            f"| {row['mode']} | {row['system']} | {row['load_s']:.2f} | {row['decode_tok_s']:.1f} | "
+            f"{row['prefill_tok_s']:.0f} | {row['peak_rss_mb']:.0f} | {ratio('decode_tok_s', 'llama.cpp')} | "
+            f"{ratio('prefill_tok_s', 'llama.cpp')} | {ratio('decode_tok_s', 'transformers')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--systems", default="fusionlm,transformers,llama.cpp")
+    parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "SETTING"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    common = ["--threads", str(args.threads), "--prompt-len", str(args.prompt_len)]
+    common += ["--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len)]
+    if args.child:
+        system, setting = args.child
+        measure = measure_transformers if system == "transformers" else measure_llama_cpp
+        print(json.dumps(measure(setting, args)))
+        return
+
+    rows = []
+    for mode in args.modes.split(","):
+        _, hf_dtype, ftype = MODES[mode]
+        for system in args.systems.split(","):
+            if system == "fusionlm":
+                result = run_fusionlm(mode, args)
+            elif system == "transformers" and hf_dtype is not None:
+                result = child(["transformers", hf_dtype, *common])
+            elif system == "llama.cpp":
+                result = child(["llama.cpp", ftype, *common])
+            else:
+                continue
+            rows.append({"mode": mode, "system": system, **result})
+            print(f"{mode:5s} {system:12s} {json.dumps(result)}", file=sys.stderr, flush=True)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"{date.today()}, {cpu}, {args.threads} threads, Python {platform.python_version()}; "
+        f"decode: {args.new_tokens} tokens after a {args.prompt_len}-token prompt; prefill: {args.prefill_len} tokens.\n"
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Faster precisions keep the default model's quality: greedy agreement and perplexity vs fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusionlm
+from fusionlm.evaluation import perplexity
+
+pytestmark = pytest.mark.slow
+
+TEXT = Path(__file__).parents[1] / "data" / "perplexity.txt"
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis to a child.",
+    "Give me three tips for learning to cook.",
+    "What is the difference between a list and a tuple in Python?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How do I boil an egg?",
+    "Name the planets of the solar system.",
+    "Why do cats purr?",
+    "Write a short thank-you note to a teacher.",
+]
+VARIANTS = {"bfloat16": {"dtype": torch.bfloat16}, "int8": {"quant": "int8"}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fusionlm.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer):
+    model = fusionlm.load_model()
+    return model, greedy(model, tokenizer), perplexity(model, tokenizer.encode(TEXT.read_text()))
+
+
+def greedy(model, tokenizer) -> list[list[int]]:
+    prompts = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": p}]),
+            add_special_tokens=False,
+        )
+        for p in PROMPTS
+    ]
+    outputs = fusionlm.generate(model, prompts, max_new_tokens=32)
+    assert all(len(o) == 32 for o in outputs)
+    return outputs
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_tokens_agree_with_fp32(reference, tokenizer, variant):
+    _, expected, _ = reference
+    actual = greedy(fusionlm.load_model(**VARIANTS[variant]), tokenizer)
+    same = sum(
+        a == b
+        for got, want in zip(actual, expected, strict=True)
+        for a, b in zip(got, want, strict=True)
+    )
+    assert same / (32 * len(PROMPTS)) >= 0.9, (
+        f"{variant}: {same} of {32 * len(PROMPTS)} tokens agree"
+    )
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_perplexity_within_two_percent_of_fp32(reference, tokenizer, variant):
+    _, _, expected = reference
+    actual = perplexity(
+        fusionlm.load_model(**VARIANTS[variant]), tokenizer.encode(TEXT.read_text())
+    )
+    assert abs(actual / expected - 1) <= 0.02, f"{variant}: {actual:.3f} vs fp32 {expected:.3f}"
+
+
+def test_perplexity_is_plausible_and_checks_its_input(reference, tokenizer):
+    model, _, fp32 = reference
+    assert 2 < fp32 < 60, fp32
+    shuffled = tokenizer.encode(TEXT.read_text())
+    shuffled = [
+        shuffled[i]
+        for i in torch.randperm(len(shuffled), generator=torch.Generator().manual_seed(0))
+    ]
+    assert perplexity(model, shuffled) > 3 * fp32
+    with pytest.raises(ValueError, match="at least two tokens"):
+        perplexity(model, [1])
+    with pytest.raises(ValueError, match="window must be in"):
+        perplexity(model, [1, 2, 3], window=1)
