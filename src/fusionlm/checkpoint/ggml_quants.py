@@ -1,0 +1,171 @@
+"""GGML block dequantization in torch, bit-identical to gguf-py's ``gguf.quants``.
+
+``DEQUANTIZERS[type](blocks)`` maps uint8 blocks ``[n, type_size]`` to float32 values
+``[n, block_size]`` (sizes in ``gguf.GGML_QUANT_SIZES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from gguf import GGMLQuantizationType
+from torch import Tensor
+
+Q = GGMLQuantizationType
+
+# Each kernel maps uint8 blocks [n, type_size] to float32 values [n, block_size], mirroring
+# gguf.quants operation for operation (fp32 rounding included) so results match it exactly;
+# the in-place forms in the common types save a pass over memory each.
+
+
+def _f16(raw: Tensor) -> Tensor:
+    """[n, 2] uint8 -> [n, 1] float32."""
+    return raw.contiguous().view(torch.float16).float()
+
+
+def _u8(values: list[int], *shape: int) -> Tensor:
+    return torch.tensor(values, dtype=torch.uint8).view(*shape)
+
+
+_NIBBLES = _u8([0, 4], 1, 2, 1)
+_CRUMBS = _u8([0, 2, 4, 6], 1, 4, 1)
+_BITS = _u8(list(range(8)), 1, 8, 1)
+
+
+def _nibbles(qs: Tensor, group: int) -> Tensor:
+    """[n, k] packed -> [n, k // group, 2, group]: low nibbles of a group, then high nibbles."""
+    qs = qs.reshape(qs.shape[0], -1, 1, group)
+    return torch.cat([qs & 0x0F, qs >> 4], dim=2)
+
+
+def _bits(qh: Tensor) -> Tensor:
+    """[n, k] -> [n, 8 * k] little-endian bits (bit i of the bytes read as one integer)."""
+    return ((qh.unsqueeze(-1) >> _BITS.view(1, 1, 8)) & 1).reshape(qh.shape[0], -1)
+
+
+def _dq_f32(b: Tensor) -> Tensor:
+    return b.contiguous().view(torch.float32)
+
+
+def _dq_f16(b: Tensor) -> Tensor:
+    return b.contiguous().view(torch.float16)
+
+
+def _dq_bf16(b: Tensor) -> Tensor:
+    return b.contiguous().view(torch.bfloat16)
+
+
+def _dq_q8_0(b: Tensor) -> Tensor:
+    return b[:, 2:].view(torch.int8).float().mul_(_f16(b[:, :2]))
+
+
+def _dq_q4_0(b: Tensor) -> Tensor:
+    q = _nibbles(b[:, 2:], 16).reshape(-1, 32).view(torch.int8) - 8
+    return q.float().mul_(_f16(b[:, :2]))
+
+
+def _dq_q4_1(b: Tensor) -> Tensor:
+    q = _nibbles(b[:, 4:], 16).reshape(-1, 32).float()
+    return q.mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
+
+
+def _q5(ql: Tensor, qh: Tensor) -> Tensor:
+    return _nibbles(ql, 16).reshape(-1, 32) | (_bits(qh) << 4)
+
+
+def _dq_q5_0(b: Tensor) -> Tensor:
+    q = _q5(b[:, 6:], b[:, 2:6]).view(torch.int8) - 16
+    return _f16(b[:, :2]) * q.float()
+
+
+def _dq_q5_1(b: Tensor) -> Tensor:
+    q = _q5(b[:, 8:], b[:, 4:8]).float()
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
+def _dq_q2_k(b: Tensor) -> Tensor:
+    n = b.shape[0]
+    scales, qs = b[:, :16], b[:, 16:80]
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (scales & 0x0F).float()).view(n, 16, 1)
+    ml = (dmin * (scales >> 4).float()).view(n, 16, 1)
+    q = ((qs.reshape(n, 2, 1, 32) >> _CRUMBS) & 3).reshape(n, 16, 16).float()
+    return (dl * q - ml).view(n, 256)
+
+
+def _dq_q3_k(b: Tensor) -> Tensor:
+    n = b.shape[0]
+    hmask, qs, scales, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+    low = (scales[:, :8].reshape(n, 1, 8) >> _NIBBLES.view(1, 2, 1)).reshape(n, 16)
+    high = (scales[:, 8:].reshape(n, 1, 4) >> _CRUMBS.view(1, 4, 1)).reshape(n, 16)
+    sc = ((low & 0x0F) | ((high & 3) << 4)).view(torch.int8) - 32
+    dl = (d * sc.float()).view(n, 16, 1)
+    ql = ((qs.reshape(n, 2, 1, 32) >> _CRUMBS) & 3).reshape(n, 16, 16)
+    qh = ((hmask.reshape(n, 1, 1, 32) >> _BITS) & 1).reshape(n, 16, 16) ^ 1
+    q = (ql.view(torch.int8) - (qh << 2).view(torch.int8)).float()
+    return (dl * q).view(n, 256)
+
+
+def _k_scale_min(scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_K/Q5_K's 12 bytes -> eight 6-bit scales and eight 6-bit mins, each [n, 8]."""
+    s = scales.reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _k_scales(b: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, offset) per 32 values, [n, 8, 1] each, of a Q4_K/Q5_K block."""
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b[:, :2]) * sc.float()).view(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mn.float()).view(n, 8, 1)
+    return d, dm
+
+
+def _dq_q4_k(b: Tensor) -> Tensor:
+    d, dm = _k_scales(b)
+    q = _nibbles(b[:, 16:], 32).reshape(-1, 8, 32).float()
+    return q.mul_(d).sub_(dm).view(-1, 256)
+
+
+def _dq_q5_k(b: Tensor) -> Tensor:
+    n = b.shape[0]
+    d, dm = _k_scales(b)
+    ql = _nibbles(b[:, 48:], 32).reshape(n, 8, 32)
+    qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _BITS) & 1).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).float()
+    return (d * q - dm).view(n, 256)
+
+
+def _dq_q6_k(b: Tensor) -> Tensor:
+    n = b.shape[0]
+    ql, qh = b[:, :128], b[:, 128:192]
+    scales, d = b[:, 192:208].view(torch.int8), _f16(b[:, 208:210])
+    d = (d * scales.float()).view(n, 16, 1)
+    low = _nibbles(ql, 64).reshape(n, 8, 32)
+    high = ((qh.reshape(n, 2, 1, 32) >> _CRUMBS) & 3).reshape(n, 8, 32)
+    q = ((low | (high << 4)).view(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (d * q).view(n, 256)
+
+
+DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[Tensor], Tensor]] = {
+    Q.F32: _dq_f32,
+    Q.F16: _dq_f16,
+    Q.BF16: _dq_bf16,
+    Q.Q8_0: _dq_q8_0,
+    Q.Q4_0: _dq_q4_0,
+    Q.Q4_1: _dq_q4_1,
+    Q.Q5_0: _dq_q5_0,
+    Q.Q5_1: _dq_q5_1,
+    Q.Q2_K: _dq_q2_k,
+    Q.Q3_K: _dq_q3_k,
+    Q.Q4_K: _dq_q4_k,
+    Q.Q5_K: _dq_q5_k,
+    Q.Q6_K: _dq_q6_k,
+}
+
+
+__all__ = ["DEQUANTIZERS"]
