@@ -22,6 +22,7 @@ from fusionlm.generation import GenerationStats, SamplingParams, generate_stream
 from fusionlm.inference.benchmark import benchmark
 from fusionlm.loading import QUANTIZATIONS, describe, load_model, load_tokenizer, save_hf
 from fusionlm.models.registry import DEFAULT_MODEL
+from fusionlm.modules.fusion import DeepFusionModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument(
         "--raw", action="store_true", help="send the prompt as is, without the chat template"
+    )
+    gen.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image file for a vision model (repeatable; needs fusionlm[vision])",
     )
     gen.set_defaults(run=run_generate)
 
@@ -154,7 +162,7 @@ def _messages(args: argparse.Namespace, turns: list[dict[str, str]]) -> list[dic
 
 
 def _stream_reply(
-    model, tokenizer, ids: list[int], args: argparse.Namespace
+    model, tokenizer, ids: list[int], args: argparse.Namespace, *, images: Sequence = ()
 ) -> tuple[str, GenerationStats]:
     stats = GenerationStats()
     pieces = []
@@ -167,6 +175,7 @@ def _stream_reply(
         seed=args.seed,
         stop_strings=args.stop,
         stats=stats,
+        images=images,
     ):
         pieces.append(piece)
         sys.stdout.write(piece)
@@ -179,17 +188,37 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     _sampling(args)  # validate options before the model loads
+    images = _load_images(args.image)  # a bad path fails before the model loads
     model, tokenizer, load_s = _load(args)
+    if images and not isinstance(model, DeepFusionModel):
+        raise UsageError(f"{args.model} is a text-only model; --image needs a vision model")
     if tokenizer.is_chat and not args.raw:
+        # Chat templates of vision models place an image token for each image content part.
+        content = [*({"type": "image"} for _ in images), {"type": "text", "text": args.prompt}]
         text = tokenizer.apply_chat_template(
-            _messages(args, [{"role": "user", "content": args.prompt}])
+            _messages(args, [{"role": "user", "content": content if images else args.prompt}])
         )
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = tokenizer.encode(args.prompt)
-    _, stats = _stream_reply(model, tokenizer, ids, args)
+    image_token = getattr(getattr(model, "config", None), "image_token_index", None)
+    if images and image_token is not None and image_token not in ids:
+        # A raw prompt without image tokens: the images come first, as Llama 3.2 Vision's.
+        ids = [image_token] * len(images) + ids
+    _, stats = _stream_reply(model, tokenizer, ids, args, images=images)
     print(f"load {load_s:.2f} s | {stats.summary()}", file=sys.stderr)
     return 0
+
+
+def _load_images(paths: Sequence[str]) -> list:
+    if not paths:
+        return []
+    from fusionlm.images import load_image
+
+    try:
+        return [load_image(path) for path in paths]
+    except ImportError as e:  # Pillow is an optional dependency
+        raise UsageError(str(e)) from None
 
 
 def run_chat(args: argparse.Namespace) -> int:

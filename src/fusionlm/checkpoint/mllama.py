@@ -8,6 +8,7 @@ stack and our fused one by ``MllamaConfig.from_hf_layer``/``to_hf_layer``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -170,6 +171,20 @@ def mllama_to_ours(tensors: Mapping[str, Tensor], config: MllamaConfig) -> dict[
     return state_dict
 
 
+def _read_preprocessor_config(directory: Path) -> dict | None:
+    """``preprocessor_config.json`` (image normalisation), or None if the directory has none."""
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON in {path}: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return config
+
+
 def load_mllama_dir(
     directory: Path,
     *,
@@ -186,7 +201,9 @@ def load_mllama_dir(
     # loading.py dispatches to this module, so importing it at the top would be circular.
     from fusionlm.loading import assign_weights
 
-    config = MllamaConfig.from_hf(read_config(directory))
+    config = MllamaConfig.from_hf(
+        read_config(directory), preprocessor=_read_preprocessor_config(directory)
+    )
     state_dict = mllama_to_ours(read_safetensors(directory, dtype=dtype), config)
     model = llama3_2_vision(
         config, attn_backend=attn_backend, max_seq_len=max_seq_len, init_weights=False

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fusionlm.images import ImageLike, pillow, to_pil
 from fusionlm.models.llama import ACTIVATIONS, LlamaConfig, llama_layer, llama_mlp, llama_rope
 from fusionlm.models.vision import PatchEmbedding, TiledVisionTransformer, vision_layer
 from fusionlm.modules.attention import MultiHeadAttention
@@ -41,6 +44,10 @@ from fusionlm.modules.fusion import (
 )
 from fusionlm.modules.layers import TanhGate, TransformerCrossAttentionLayer
 from fusionlm.modules.norm import RMSNorm
+
+# The image normalisation of the published Llama 3.2 Vision checkpoints (CLIP's).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # MllamaTextConfig's defaults where they differ from Llama's, for config.json files that omit them.
 _TEXT_DEFAULTS = {"rope_theta": 500_000.0, "max_position_embeddings": 131_072}
@@ -122,6 +129,8 @@ class MllamaConfig:
             interleaved stack of ``num_hidden_layers`` layers.
         image_token_index: the ``<|image|>`` token id.
         num_fusion_tokens: embedding rows after the text vocabulary (transformers' ``+ 8``).
+        image_mean, image_std: per-channel normalisation of images scaled to ``[0, 1]``
+            (``preprocessor_config.json``; the published checkpoints use CLIP's).
     """
 
     text: LlamaConfig
@@ -129,6 +138,8 @@ class MllamaConfig:
     cross_attention_layers: tuple[int, ...]
     image_token_index: int = 128_256
     num_fusion_tokens: int = 8
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
     def __post_init__(self) -> None:
         cross = self.cross_attention_layers
@@ -140,6 +151,12 @@ class MllamaConfig:
             raise ValueError(
                 f"cross-attention layers {unpaired} are not followed by a self-attention layer "
                 f"in the stack of {self.num_hidden_layers}; fusionlm fuses each into the next one"
+            )
+        channels = self.vision.num_channels
+        if len(self.image_mean) != channels or len(self.image_std) != channels:
+            raise ValueError(
+                f"image_mean {list(self.image_mean)} and image_std {list(self.image_std)} need "
+                f"one value per image channel ({channels})"
             )
         if not 0 <= self.image_token_index < self.text.vocab_size + self.num_fusion_tokens:
             raise ValueError(
@@ -176,8 +193,13 @@ class MllamaConfig:
         return self_layers[index] - 1 if fused else self_layers[index]
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> MllamaConfig:
+    def from_hf(
+        cls, config: Mapping[str, Any], *, preprocessor: Mapping[str, Any] | None = None
+    ) -> MllamaConfig:
         """Read a transformers ``config.json`` dict of ``model_type == "mllama"``.
+
+        ``preprocessor`` is the directory's ``preprocessor_config.json``, if it has one: its
+        ``image_mean``/``image_std`` are used (CLIP's otherwise).
 
         Raises:
             ValueError: a missing ``text_config``, a missing field or an unsupported value.
@@ -202,6 +224,8 @@ class MllamaConfig:
             vision=MllamaVisionConfig.from_hf(config.get("vision_config") or {}),
             cross_attention_layers=cross,
             image_token_index=config.get("image_token_index", 128_256),
+            image_mean=tuple((preprocessor or {}).get("image_mean") or OPENAI_CLIP_MEAN),
+            image_std=tuple((preprocessor or {}).get("image_std") or OPENAI_CLIP_STD),
         )
 
 
@@ -346,4 +370,185 @@ def _vision_encoder(
     )
 
 
-__all__ = ["MllamaConfig", "MllamaVisionConfig", "llama3_2_vision", "mllama_encoder_mask"]
+# -- images in, encoder inputs out (what transformers' MllamaProcessor computes) -------------
+
+
+def _canvas_tiles(
+    height: int, width: int, *, aspect_ratios: Sequence[tuple[int, int]], tile_size: int
+) -> tuple[int, int]:
+    """The tile layout ``(rows, cols)`` an image of this size is resized into.
+
+    The layout needing the least upscaling, or if every layout needs downscaling, the least
+    downscaling; among equals the smallest canvas (first listed on a tie).
+    """
+    scales = [
+        min(rows * tile_size / height, cols * tile_size / width) for rows, cols in aspect_ratios
+    ]
+    upscales = [scale for scale in scales if scale >= 1]
+    chosen = min(upscales) if upscales else max(scales)
+    candidates = [
+        ratio for ratio, scale in zip(aspect_ratios, scales, strict=True) if scale == chosen
+    ]
+    return min(candidates, key=lambda ratio: ratio[0] * ratio[1])
+
+
+def _fit_to_canvas(
+    height: int, width: int, *, canvas_height: int, canvas_width: int, tile_size: int
+) -> tuple[int, int]:
+    """The size ``(h, w)`` an image is resized to: aspect ratio kept, between one tile and the
+    canvas on each side."""
+    target_height = min(max(height, tile_size), canvas_height)
+    target_width = min(max(width, tile_size), canvas_width)
+    scale_height, scale_width = target_height / height, target_width / width
+    if scale_width < scale_height:
+        return min(math.floor(height * scale_width) or 1, target_height), target_width
+    return target_height, min(math.floor(width * scale_height) or 1, target_width)
+
+
+def mllama_image_tiles(image: ImageLike, config: MllamaConfig) -> tuple[Tensor, int]:
+    """One image as the tiles Llama 3.2 Vision reads, as transformers' image processor makes them.
+
+    The image (converted to RGB) is resized with Pillow's bilinear filter, keeping its aspect
+    ratio, to fit the best tile layout of ``config.vision.supported_aspect_ratios``; padded
+    with black at the bottom and right; scaled to ``[0, 1]``, normalised with
+    ``config.image_mean``/``image_std``; and cut into square tiles, row by row.
+
+    Returns:
+        tiles ``[rows * cols, c, size, size]`` (float32) and the layout's aspect-ratio id
+        (1-based; 0 marks padding images).
+
+    Raises:
+        ImportError: no Pillow.
+        TypeError, ValueError: not an image (see ``fusionlm.images.to_tensor``).
+    """
+    Image = pillow()
+    vision = config.vision
+    size = vision.image_size
+    picture = to_pil(image).convert("RGB")
+    width, height = picture.size
+    ratios = [tuple(ratio) for ratio in vision.supported_aspect_ratios]
+    rows, cols = _canvas_tiles(height, width, aspect_ratios=ratios, tile_size=size)
+    new_height, new_width = _fit_to_canvas(
+        height, width, canvas_height=rows * size, canvas_width=cols * size, tile_size=size
+    )
+    picture = picture.resize((new_width, new_height), resample=Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+    # Black padding before normalisation, and float64 scaling then float32: bit-equal to
+    # transformers' processor.
+    canvas = torch.zeros(3, rows * size, cols * size, dtype=torch.float64)
+    canvas[:, :new_height, :new_width] = pixels
+    mean = torch.tensor(config.image_mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(config.image_std, dtype=torch.float32)[:, None, None]
+    canvas = ((canvas * (1 / 255)).float() - mean) / std
+    tiles = canvas.reshape(3, rows, size, cols, size).permute(1, 3, 0, 2, 4)
+    return tiles.reshape(rows * cols, 3, size, size), ratios.index((rows, cols)) + 1
+
+
+def mllama_cross_attention_mask(
+    prompts: Sequence[Sequence[int]],
+    *,
+    image_token_id: int,
+    num_tiles: Sequence[Sequence[int]],
+    max_num_tiles: int,
+) -> Tensor:
+    """transformers' ``cross_attention_mask`` for left-padded prompts, from their image tokens.
+
+    The image of the k-th ``<|image|>`` token is seen by the tokens from that one up to the
+    next image token (exclusive) or the end; a run of adjacent image tokens is seen together up
+    to where the run's last image stops being seen. Padding tokens see nothing.
+
+    Args:
+        prompts: token ids per prompt; the batch is left-padded to the longest.
+        image_token_id: the ``<|image|>`` id.
+        num_tiles: per prompt, the tiles of each of its images.
+        max_num_tiles: ``T``.
+
+    Returns:
+        int64 ``[b, longest, n_images, T]``, 1 where a token sees a tile.
+
+    Raises:
+        ValueError: a prompt whose image tokens do not match its number of images.
+    """
+    longest = max(len(prompt) for prompt in prompts)
+    n_images = max((len(tiles) for tiles in num_tiles), default=0)
+    mask = torch.zeros(len(prompts), longest, n_images, max_num_tiles, dtype=torch.long)
+    for i, (prompt, tiles) in enumerate(zip(prompts, num_tiles, strict=True)):
+        offset = longest - len(prompt)
+        starts = [offset + j for j, token in enumerate(prompt) if token == image_token_id]
+        if len(starts) != len(tiles):
+            raise ValueError(
+                f"prompt {i} has {len(starts)} <|image|> token(s) (id {image_token_id}) but "
+                f"{len(tiles)} image(s): each image needs its image token in the prompt"
+            )
+        ends = [*starts[1:], longest][: len(starts)]
+        for k in range(len(starts) - 2, -1, -1):
+            if ends[k] == starts[k] + 1:  # adjacent image tokens share the later one's span
+                ends[k] = ends[k + 1]
+        for k, (start, end) in enumerate(zip(starts, ends, strict=True)):
+            mask[i, start:end, k, : tiles[k]] = 1
+    return mask
+
+
+def mllama_image_inputs(
+    config: MllamaConfig,
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[Sequence[ImageLike]],
+) -> tuple[dict[str, Tensor], Tensor] | None:
+    """Encoder input and mask for a batch of prompts with their images (none, one or several).
+
+    Each prompt holds one ``<|image|>`` token per image, where the image belongs (a chat
+    template puts it there for ``{"type": "image"}`` content parts). Images are padded per
+    batch to the most any prompt has, as transformers' processor pads them.
+
+    Returns:
+        ``(encoder_input, encoder_mask)`` for ``DeepFusionModel.forward``: ``encoder_input``
+        holds ``images [b, n_images, T, c, size, size]``, ``aspect_ratio_ids [b, n_images]``
+        and ``aspect_ratio_mask [b, n_images, T]``; ``encoder_mask`` is bool
+        ``[b, longest, n_images * T * tokens_per_tile]`` for the left-padded prompts. None
+        when no prompt has an image.
+
+    Raises:
+        ValueError: image tokens that do not match the images; images that are not images.
+    """
+    tiled = [[mllama_image_tiles(image, config) for image in row] for row in images]
+    vision = config.vision
+    num_tiles = [[tiles.shape[0] for tiles, _ in row] for row in tiled]
+    cross_attention_mask = mllama_cross_attention_mask(
+        prompts,
+        image_token_id=config.image_token_index,
+        num_tiles=num_tiles,
+        max_num_tiles=vision.max_num_tiles,
+    )
+    n_images = cross_attention_mask.shape[2]
+    if n_images == 0:
+        return None
+    b, size = len(prompts), vision.image_size
+    pixels = torch.zeros(b, n_images, vision.max_num_tiles, 3, size, size)
+    aspect_ratio_ids = torch.zeros(b, n_images, dtype=torch.long)
+    aspect_ratio_mask = torch.zeros(b, n_images, vision.max_num_tiles, dtype=torch.long)
+    aspect_ratio_mask[:, :, 0] = 1  # as transformers' processor marks padding images
+    for i, row in enumerate(tiled):
+        for k, (tiles, ratio_id) in enumerate(row):
+            pixels[i, k, : tiles.shape[0]] = tiles
+            aspect_ratio_ids[i, k] = ratio_id
+            aspect_ratio_mask[i, k, : tiles.shape[0]] = 1
+    encoder_input = {
+        "images": pixels,
+        "aspect_ratio_ids": aspect_ratio_ids,
+        "aspect_ratio_mask": aspect_ratio_mask,
+    }
+    encoder_mask = mllama_encoder_mask(cross_attention_mask, tokens_per_tile=vision.tokens_per_tile)
+    return encoder_input, encoder_mask
+
+
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "MllamaConfig",
+    "MllamaVisionConfig",
+    "llama3_2_vision",
+    "mllama_cross_attention_mask",
+    "mllama_encoder_mask",
+    "mllama_image_inputs",
+    "mllama_image_tiles",
+]
