@@ -52,6 +52,11 @@ def greedy(model, tokenizer) -> list[list[int]]:
     return outputs
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 4 (open): measured 246/320 (bf16) and 177/320 (int8) tokens agree on 2026-11-22; "
+    "bf16 keeps bf16 activations and int8 uses per-channel scales. Strict: passing means update this.",
+)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_tokens_agree_with_fp32(reference, tokenizer, variant):
     _, expected, _ = reference
