@@ -18,14 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from fusionlm.images import ImageLike, to_tensor
+from fusionlm.models.cross_attention import gated_cross_attention_layer
 from fusionlm.models.mllama import MllamaConfig, mllama_image_inputs
 from fusionlm.models.vision import VisionTransformer
-from fusionlm.modules.attention import MultiHeadAttention
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.feed_forward import FeedForward
 from fusionlm.modules.fusion import DeepFusionModel, FusionLayer
-from fusionlm.modules.layers import TanhGate, TransformerCrossAttentionLayer
-from fusionlm.modules.norm import RMSNorm
+from fusionlm.modules.layers import TransformerCrossAttentionLayer
 
 
 def cross_attention_layer(
@@ -50,34 +49,20 @@ def cross_attention_layer(
         encoder_dim: the width of the encoder output it reads.
         intermediate_size: the MLP's hidden width.
     """
-    d, h, h_kv, hd = embed_dim, num_heads, num_kv_heads, head_dim
-    attn = MultiHeadAttention(
-        embed_dim=d,
-        num_heads=h,
-        num_kv_heads=h_kv,
-        head_dim=hd,
-        q_proj=nn.Linear(d, h * hd, bias=False),
-        k_proj=nn.Linear(encoder_dim, h_kv * hd, bias=False),
-        v_proj=nn.Linear(encoder_dim, h_kv * hd, bias=False),
-        output_proj=nn.Linear(h * hd, d, bias=False),
-        q_norm=RMSNorm(hd, eps=norm_eps),
-        k_norm=RMSNorm(hd, eps=norm_eps),
-        is_causal=False,
-        backend=attn_backend,
-    )
     mlp = FeedForward(
-        gate_proj=nn.Linear(d, intermediate_size, bias=False),
-        down_proj=nn.Linear(intermediate_size, d, bias=False),
-        up_proj=nn.Linear(d, intermediate_size, bias=False),
+        gate_proj=nn.Linear(embed_dim, intermediate_size, bias=False),
+        down_proj=nn.Linear(intermediate_size, embed_dim, bias=False),
+        up_proj=nn.Linear(embed_dim, intermediate_size, bias=False),
     )
-    return TransformerCrossAttentionLayer(
-        attn,
-        mlp,
-        ca_norm=RMSNorm(d, eps=norm_eps),
-        mlp_norm=RMSNorm(d, eps=norm_eps),
-        ca_scale=TanhGate(),
-        mlp_scale=TanhGate(),
-        empty_rows="skip",
+    return gated_cross_attention_layer(
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        encoder_dim=encoder_dim,
+        mlp=mlp,
+        norm_eps=norm_eps,
+        attn_backend=attn_backend,
     )
 
 

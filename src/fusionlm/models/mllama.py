@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from fusionlm.images import ImageLike, pillow, to_pil
+from fusionlm.models.cross_attention import gated_cross_attention_layer
 from fusionlm.models.llama import ACTIVATIONS, LlamaConfig, llama_layer, llama_mlp, llama_rope
 from fusionlm.models.vision import PatchEmbedding, TiledVisionTransformer, vision_layer
-from fusionlm.modules.attention import MultiHeadAttention
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.fusion import (
     DeepFusionModel,
@@ -42,7 +42,7 @@ from fusionlm.modules.fusion import (
     FusionLayer,
     register_fusion_module,
 )
-from fusionlm.modules.layers import TanhGate, TransformerCrossAttentionLayer
+from fusionlm.modules.layers import TransformerCrossAttentionLayer
 from fusionlm.modules.norm import RMSNorm
 
 # The image normalisation of the published Llama 3.2 Vision checkpoints (CLIP's).
@@ -297,38 +297,20 @@ def llama3_2_vision(
 
 
 def _cross_attention_layer(text: LlamaConfig, attn_backend: str) -> TransformerCrossAttentionLayer:
-    d, h, h_kv, hd = (
-        text.hidden_size,
-        text.num_attention_heads,
-        text.num_key_value_heads,
-        text.head_dim,
-    )
-    attn = MultiHeadAttention(
-        embed_dim=d,
-        num_heads=h,
-        num_kv_heads=h_kv,
-        head_dim=hd,
-        q_proj=nn.Linear(d, h * hd, bias=False),
-        k_proj=nn.Linear(d, h_kv * hd, bias=False),
-        v_proj=nn.Linear(d, h_kv * hd, bias=False),
-        output_proj=nn.Linear(h * hd, d, bias=False),
-        q_norm=RMSNorm(hd, eps=text.rms_norm_eps),
-        k_norm=RMSNorm(hd, eps=text.rms_norm_eps),
-        is_causal=False,
+    return gated_cross_attention_layer(
+        embed_dim=text.hidden_size,
+        num_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        encoder_dim=text.hidden_size,
+        mlp=llama_mlp(text),
+        norm_eps=text.rms_norm_eps,
         attn_dropout=text.attention_dropout,
-        backend=attn_backend,
-    )
-    return TransformerCrossAttentionLayer(
-        attn,
-        llama_mlp(text),
-        ca_norm=RMSNorm(d, eps=text.rms_norm_eps),
-        mlp_norm=RMSNorm(d, eps=text.rms_norm_eps),
-        ca_scale=TanhGate(),
-        mlp_scale=TanhGate(),
         # transformers lets a text row that sees no image (text before the first <|image|>)
         # attend to every image token, where Meta's reference code zeroes it
         # (huggingface/transformers#39379); we reproduce transformers, the parity reference.
         empty_rows="attend_all",
+        attn_backend=attn_backend,
     )
 
 
