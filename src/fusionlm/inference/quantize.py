@@ -73,14 +73,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     Returns:
         ``model``.
     """
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear.from_float(child.weight, child.bias))
         output = getattr(module, "output", None)
         if isinstance(output, TiedLinear):
             module.output = Int8Linear.from_float(output.weight)
-        del name
     return model
 
 
