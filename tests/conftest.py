@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from fusionlm import generation
+
 BASE_CONFIG: dict[str, Any] = {
     "vocab_size": 96,
     "hidden_size": 64,
@@ -55,3 +57,11 @@ def hf_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """One tiny GQA model shared by tests that only read it."""
     directory = tmp_path_factory.mktemp("tiny_llama")
     return directory, make_hf_llama(directory)
+
+
+@pytest.fixture(autouse=True)
+def eager_decoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps run eagerly (over the same fixed-shape cache) unless a test is marked
+    ``compiled``: compiling a graph for every tiny model would dominate the suite's time."""
+    if "compiled" not in request.keywords:
+        monkeypatch.setattr(generation, "_compiled_forward_step", lambda: generation._forward_step)

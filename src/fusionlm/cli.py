@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
     )
 
+    decoding = argparse.ArgumentParser(add_help=False)
+    decoding.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="decode eagerly instead of with a compiled step (no compile time, slower tokens)",
+    )
+
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--max-new-tokens", type=int, default=256)
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -81,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--system", default=None, help="system message for chat models")
 
     gen = commands.add_parser(
-        "generate", parents=[model, sampling], help="continue a prompt, streaming to stdout"
+        "generate",
+        parents=[model, decoding, sampling],
+        help="continue a prompt, streaming to stdout",
     )
     gen.add_argument("prompt")
     gen.add_argument(
@@ -97,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=run_generate)
 
     chat = commands.add_parser(
-        "chat", parents=[model, sampling], help="interactive chat; /reset clears, Ctrl-D exits"
+        "chat",
+        parents=[model, decoding, sampling],
+        help="interactive chat; /reset clears, Ctrl-D exits",
     )
     chat.set_defaults(run=run_chat)
 
@@ -110,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=run_convert)
 
     bench = commands.add_parser(
-        "bench", parents=[model], help="measure load, prefill and decode speed (batch 1)"
+        "bench", parents=[model, decoding], help="measure load, prefill and decode speed (batch 1)"
     )
     bench.add_argument("--prompt-len", type=int, default=32)
     bench.add_argument("--new-tokens", type=int, default=64)
@@ -176,6 +188,7 @@ def _stream_reply(
         stop_strings=args.stop,
         stats=stats,
         images=images,
+        compile=args.compile,
     ):
         pieces.append(piece)
         sys.stdout.write(piece)
@@ -277,12 +290,14 @@ def run_bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         prefill_len=args.prefill_len,
         repeats=args.repeats,
+        compile=args.compile,
     )
     fields = {
         "model": args.model,
         "dtype": args.dtype,
         "quant": args.quant,
         "threads": torch.get_num_threads(),
+        "compile": args.compile,
         **dataclasses.asdict(result),
     }
     if args.json:

@@ -5,13 +5,24 @@ The loop left-pads a batch of prompts into one KV cache: each row gets its own p
 each prompt alone. Policy when a prompt plus ``max_new_tokens`` exceeds the model's
 context: a ``ValueError`` before any work, naming both numbers; nothing is truncated
 silently.
+
+The fast path, on by default (``compile=True``): the prompt runs eagerly (one large
+forward, already efficient), and each decode step runs as one graph compiled by ``torch.compile``
+over a fixed-shape cache (``KVCache(fixed_shape=True)``), whose length is rounded up to a
+multiple of ``CACHE_LENGTH_MULTIPLE`` so that nearby prompt lengths reuse one graph.
+Compiling takes a while once per model, batch size and cache length (inductor keeps the
+result in its on-disk cache for the next process); without a C++ compiler the loop warns
+and stays eager. The math is the same either way: the tests hold the greedy tokens equal.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +30,9 @@ from torch import Tensor
 
 from fusionlm.modules import masks
 from fusionlm.modules.decoder import TransformerDecoder
+
+CACHE_LENGTH_MULTIPLE = 256
+"""Compiled decoding rounds the KV cache length up to a multiple of this (see the module doc)."""
 
 if TYPE_CHECKING:
     from fusionlm.images import ImageLike
@@ -57,26 +71,38 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class GenerationStats:
-    """Counts and timings of one generation, filled in as it runs."""
+    """Counts and timings of one generation, filled in as it runs.
+
+    The prefill produces the first new token; the first decode step (where compilation, if
+    any, happens) the second; ``decode_s`` times the steps after that.
+    """
 
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0
+    first_step_s: float = 0.0
     decode_s: float = 0.0
+
+    def record(self, elapsed: float) -> None:
+        """Count a new token that arrived ``elapsed`` seconds after the generation began."""
+        if self.new_tokens == 0:
+            self.prefill_s = elapsed
+        elif self.new_tokens == 1:
+            self.first_step_s = elapsed - self.prefill_s
+        else:
+            self.decode_s = elapsed - self.prefill_s - self.first_step_s
+        self.new_tokens += 1
 
     @property
     def decode_tok_s(self) -> float:
-        """Tokens per second after the first (which prefill produces)."""
-        return (
-            (self.new_tokens - 1) / self.decode_s
-            if self.new_tokens > 1 and self.decode_s > 0
-            else 0.0
-        )
+        """Tokens per second of the decode steps after the first."""
+        steps = self.new_tokens - 2
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
 
     def summary(self) -> str:
         return (
-            f"prompt {self.prompt_tokens} tok in {self.prefill_s:.2f} s | "
-            f"{self.new_tokens} new tok, {self.decode_tok_s:.1f} tok/s"
+            f"prompt {self.prompt_tokens} tok in {self.prefill_s:.2f} s | first step "
+            f"{self.first_step_s:.2f} s | {self.new_tokens} new tok, {self.decode_tok_s:.1f} tok/s"
         )
 
 
@@ -134,6 +160,7 @@ def generate_tokens(
     pad_id: int = 0,
     encoder_input: Mapping[str, Tensor] | None = None,
     encoder_mask: Tensor | None = None,
+    compile: bool = True,
 ) -> Iterator[list[int | None]]:
     """The token loop: yields, per step, each row's new token (None once a row has stopped).
 
@@ -147,6 +174,9 @@ def generate_tokens(
     ``len(prompt_i)`` columns, as the batch is left-padded) says which encoder positions each
     prompt token sees; each generated token sees what its row's last prompt token sees.
     ``fusionlm.models.fusion.image_inputs`` makes both from images.
+
+    ``compile`` runs the decode steps as a compiled graph over a fixed-shape cache (see the
+    module doc); False runs them eagerly over a cache trimmed to its filled slots.
 
     Raises:
         ValueError: no prompts, an empty prompt, ids outside the vocabulary, a prompt plus
@@ -170,7 +200,8 @@ def generate_tokens(
     device = model.tok_embeddings.weight.device
     b = len(prompts)
     tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
-    keep = torch.zeros(b, total, dtype=torch.bool, device=device)
+    cache_len = _cache_length(total, model.max_seq_len) if compile else total
+    keep = torch.zeros(b, cache_len, dtype=torch.bool, device=device)
     keep[:, longest:] = True
     for i, prompt in enumerate(prompts):
         tokens[i, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
@@ -190,7 +221,8 @@ def generate_tokens(
         model.tok_embeddings.weight.dtype,
         # Cross-attention layers of a fusion model given no encoder input get an empty cache.
         encoder_max_seq_len=encoder_mask.shape[-1] if encoder_mask is not None else 0,
-        decoder_max_seq_len=total,
+        decoder_max_seq_len=cache_len,
+        fixed_shape=compile,
     )
     # Padding must not count as "seen" for the repetition penalty: stand in each row's last
     # prompt token, which is in its history anyway.
@@ -199,10 +231,12 @@ def generate_tokens(
     if padded:
         predicate = masks.and_masks(masks.causal(), masks.padding(keep))
         prefill_mask = masks.to_bool_mask(
-            predicate, batch_size=b, q_len=longest, kv_len=total, device=device
+            predicate, batch_size=b, q_len=longest, kv_len=cache_len, device=device
         )
-    # A decode step attends to every filled slot except padding; the cache trims to the filled length.
+    # A decode step attends to every filled slot except padding; the cache itself hides the
+    # unfilled ones (by trimming, or by a mask when its shape is fixed).
     step_mask = keep[:, None, None, :] if padded else None
+    step = DecodeStep(model, compile=compile)
     step_encoder_mask = encoder_mask[:, -1:] if encoder_mask is not None else None
 
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -228,15 +262,78 @@ def generate_tokens(
                     return
                 history = torch.cat([history, next_tokens[:, None]], dim=1)
                 position = position + 1
-                logits = model(
+                logits = step(
                     next_tokens[:, None],
                     mask=step_mask,
                     encoder_mask=step_encoder_mask,
                     input_pos=position,
-                )[:, -1]
+                )
     finally:
         # The caches belong to this call; the model goes back to plain forward passes.
         model.remove_caches()
+
+
+def _cache_length(total: int, max_seq_len: int) -> int:
+    """``total`` rounded up to a multiple of ``CACHE_LENGTH_MULTIPLE``, within the context."""
+    return min(max_seq_len, math.ceil(total / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE)
+
+
+def _forward_step(
+    model: TransformerDecoder,
+    tokens: Tensor,
+    *,
+    mask: Tensor | None,
+    encoder_mask: Tensor | None,
+    input_pos: Tensor,
+) -> Tensor:
+    """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
+    return model(tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos)[:, -1]
+
+
+@functools.cache
+def _compiled_forward_step() -> Callable[..., Tensor]:
+    """``_forward_step`` compiled by inductor, made on first use (importing torch's compiler
+    stack takes seconds). One function for every model: dynamo keeps a graph per model, batch
+    size and cache length, up to ``torch._dynamo.config.recompile_limit`` of them."""
+    return torch.compile(_forward_step, dynamic=False)
+
+
+class DecodeStep:
+    """One decode step of ``model``, compiled by inductor (``compile=True``) or eager.
+
+    If inductor cannot build the graph (typically: no C++ compiler), it warns once and
+    decodes eagerly from then on; nothing has run yet when compilation fails.
+    """
+
+    def __init__(self, model: TransformerDecoder, *, compile: bool) -> None:
+        self.model = model
+        self.compiled = compile
+
+    def __call__(
+        self,
+        tokens: Tensor,
+        *,
+        mask: Tensor | None,
+        encoder_mask: Tensor | None,
+        input_pos: Tensor,
+    ) -> Tensor:
+        """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
+        if self.compiled:
+            try:
+                return _compiled_forward_step()(
+                    self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
+                )
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                warnings.warn(
+                    f"decoding eagerly: torch.compile could not build the decode step ({error}); "
+                    "install a C++ compiler (g++) for the fast path",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.compiled = False
+        return _forward_step(
+            self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
+        )
 
 
 def _check_encoder_input(
@@ -298,6 +395,7 @@ def generate(
     stop_strings: Sequence[str] | None = None,
     tokenizer: Tokenizer | None = None,
     images: Sequence[Sequence[ImageLike]] | None = None,
+    compile: bool = True,
 ) -> list[list[int]]:
     """Generate continuations of a batch of token-id prompts.
 
@@ -316,6 +414,7 @@ def generate(
             empty list for a prompt without), encoded once at the prefill. For Llama 3.2
             Vision each image needs its ``<|image|>`` token in the prompt (see
             ``fusionlm.models.fusion.image_inputs``).
+        compile: decode with the compiled step (the fast path; see the module doc).
 
     Returns:
         the new tokens of each prompt (not the prompt).
@@ -342,6 +441,7 @@ def generate(
         stop_tokens=stop_ids,
         encoder_input=encoder_input,
         encoder_mask=encoder_mask,
+        compile=compile,
     ):
         for i, token in enumerate(step):
             if token is None or finished[i]:
@@ -369,13 +469,15 @@ def generate_stream(
     stop_strings: Sequence[str] = (),
     stats: GenerationStats | None = None,
     images: Sequence[ImageLike] = (),
+    compile: bool = True,
 ) -> Iterator[str]:
     """Yield the text of one prompt's continuation as it is generated.
 
     Multi-byte characters are never split; text that might be the start of a stop string is
     held back until it is not, and a stop string itself is never yielded. ``stop_tokens``
     defaults to the tokenizer's end-of-turn ids. ``stats``, if given, is filled in.
-    ``images`` are the prompt's images, as for ``generate``.
+    ``images`` are the prompt's images and ``compile`` picks the decode step, as for
+    ``generate``.
     """
     encoder_input, encoder_mask = _image_inputs(model, [prompt], [list(images)])
     decoder = tokenizer.stream_decoder()
@@ -393,13 +495,9 @@ def generate_stream(
         stop_tokens=stop_ids,
         encoder_input=encoder_input,
         encoder_mask=encoder_mask,
+        compile=compile,
     ):
-        now = time.perf_counter()
-        if stats.new_tokens == 0:
-            stats.prefill_s = now - started
-        else:
-            stats.decode_s = now - started - stats.prefill_s
-        stats.new_tokens += 1
+        stats.record(time.perf_counter() - started)
         if token is None or token in stop_ids:
             break
         pending += decoder.push(token)

@@ -310,3 +310,23 @@ def test_logits_to_keep_projects_only_the_last_positions():
         last = model(tokens, logits_to_keep=2)
     assert last.shape == (2, 2, 96)
     torch.testing.assert_close(last, full[:, -2:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_shape_cache_decodes_like_the_full_forward(backend):
+    """Reading the whole buffer under a mask of the filled slots: unwritten slots are
+    poisoned with huge finite values, which any weight but an exact zero would spread
+    (NaN would not do: 0 * NaN is NaN even for a masked slot)."""
+    model = tiny(backend)
+    tokens = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(2, torch.float32, decoder_max_seq_len=32, fixed_shape=True)
+        for layer in model.layers:
+            layer.attn.kv_cache.k_cache.fill_(1e30)
+            layer.attn.kv_cache.v_cache.fill_(1e30)
+        steps = [model(tokens[:, :6], input_pos=torch.arange(6))]
+        for i in range(6, 11):
+            steps.append(model(tokens[:, i : i + 1], input_pos=torch.tensor([i])))
+        assert model.layers[0].attn.kv_cache.size == 11
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)

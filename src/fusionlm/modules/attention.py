@@ -244,9 +244,15 @@ class MultiHeadAttention(nn.Module):
     # -- cache -----------------------------------------------------------------------------
 
     def setup_cache(
-        self, batch_size: int, dtype: torch.dtype, *, max_seq_len: int | None = None
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        max_seq_len: int | None = None,
+        fixed_shape: bool = False,
     ) -> None:
-        """Allocate a ``KVCache`` for ``batch_size`` rows of ``max_seq_len`` slots and enable it."""
+        """Allocate a ``KVCache`` for ``batch_size`` rows of ``max_seq_len`` slots and enable it
+        (``fixed_shape``: see ``KVCache``)."""
         self.kv_cache = KVCache(
             batch_size=batch_size,
             max_seq_len=max_seq_len if max_seq_len is not None else self.max_seq_len,
@@ -254,6 +260,7 @@ class MultiHeadAttention(nn.Module):
             head_dim=self.head_dim,
             dtype=dtype,
             device=self.q_proj.weight.device,
+            fixed_shape=fixed_shape,
         )
         self.cache_enabled = True
 
@@ -315,6 +322,8 @@ class MultiHeadAttention(nn.Module):
             k, v = self._project_kv(y, input_pos=input_pos)
             if self.kv_cache is not None and self.cache_enabled:
                 k, v = self.kv_cache.update(k, v)
+                if self.kv_cache.fixed_shape:
+                    mask = self._only_filled_slots(mask, b=b, q_len=s)
         if self.kv_head_of_query is not None:
             k = k.index_select(1, self.kv_head_of_query)
             v = v.index_select(1, self.kv_head_of_query)
@@ -341,6 +350,20 @@ class MultiHeadAttention(nn.Module):
         if self.pos_embeddings is not None:
             k = self.pos_embeddings(k, input_pos=input_pos)
         return k.transpose(1, 2), v.transpose(1, 2)
+
+    def _only_filled_slots(self, mask: AttentionMask | None, *, b: int, q_len: int) -> Tensor:
+        """``mask`` (None: causal for causal attention) and the slots a fixed-shape cache has
+        filled, as one bool ``[b or 1, 1 or h, q_len, cache length]``."""
+        filled = self.kv_cache.filled_mask(q_len, causal=self.is_causal)
+        if mask is None:
+            return filled
+        if not isinstance(mask, Tensor):
+            raise ValueError(
+                "a fixed-shape KV cache needs a bool mask (or None), not a BlockMask; set up "
+                "the caches without fixed_shape to decode with flex block masks"
+            )
+        mask, _ = self._resolve_mask(mask, b=b, q_len=q_len, kv_len=filled.shape[-1])
+        return mask & filled
 
     def _resolve_mask(
         self, mask: AttentionMask | None, *, b: int, q_len: int, kv_len: int

@@ -101,11 +101,14 @@ class TransformerDecoder(nn.Module):
         *,
         encoder_max_seq_len: int | None = None,
         decoder_max_seq_len: int | None = None,
+        fixed_shape: bool = False,
     ) -> None:
         """Allocate KV caches in every layer and enable them.
 
         Self-attention layers get ``decoder_max_seq_len`` slots (default ``max_seq_len``),
-        cross-attention layers ``encoder_max_seq_len``.
+        cross-attention layers ``encoder_max_seq_len``. ``fixed_shape`` makes self-attention
+        read the whole cache under a mask of the filled slots, so decode steps keep one shape
+        and compile to one graph (see ``KVCache``); the caller keeps within the length.
         """
         decoder_max_seq_len = (
             decoder_max_seq_len if decoder_max_seq_len is not None else self.max_seq_len
@@ -120,6 +123,7 @@ class TransformerDecoder(nn.Module):
                 dtype,
                 encoder_max_seq_len=encoder_max_seq_len,
                 decoder_max_seq_len=decoder_max_seq_len,
+                fixed_shape=fixed_shape,
             )
 
     def caches_are_setup(self) -> bool:
@@ -272,7 +276,13 @@ class TransformerDecoder(nn.Module):
             raise ValueError(
                 f"sequence length {s} exceeds the model's max_seq_len {self.max_seq_len}"
             )
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+        # Checking the ids reads them on the host; a compiled graph (generation's decode step,
+        # fed the ids it sampled itself) skips that rather than break the graph.
+        if (
+            not torch.compiler.is_compiling()
+            and tokens.numel()
+            and (tokens.min() < 0 or tokens.max() >= self.vocab_size)
+        ):
             raise ValueError(
                 f"token ids must be in [0, {self.vocab_size}), got min {int(tokens.min())}, max {int(tokens.max())}"
             )

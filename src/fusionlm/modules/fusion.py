@@ -112,6 +112,7 @@ class FusionLayer(GradientCheckpointingLayer):
         *,
         encoder_max_seq_len: int | None = None,
         decoder_max_seq_len: int | None = None,
+        fixed_shape: bool = False,
     ) -> None:
         """Set up both layers' caches (see ``TransformerDecoder.setup_caches``)."""
         for part in (self.layer, self.fusion_layer):
@@ -120,6 +121,7 @@ class FusionLayer(GradientCheckpointingLayer):
                 dtype,
                 encoder_max_seq_len=encoder_max_seq_len,
                 decoder_max_seq_len=decoder_max_seq_len,
+                fixed_shape=fixed_shape,
             )
 
     def caches_are_setup(self) -> bool:
@@ -253,6 +255,7 @@ class DeepFusionModel(nn.Module):
         *,
         encoder_max_seq_len: int | None = None,
         decoder_max_seq_len: int | None = None,
+        fixed_shape: bool = False,
     ) -> None:
         """Allocate the decoder's caches: ``decoder_max_seq_len`` slots for self-attention,
         ``encoder_max_seq_len`` for cross-attention (see ``TransformerDecoder.setup_caches``)."""
@@ -261,6 +264,7 @@ class DeepFusionModel(nn.Module):
             dtype,
             encoder_max_seq_len=encoder_max_seq_len,
             decoder_max_seq_len=decoder_max_seq_len,
+            fixed_shape=fixed_shape,
         )
 
     def caches_are_setup(self) -> bool:

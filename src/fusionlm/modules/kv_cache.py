@@ -16,7 +16,12 @@ class KVCache(nn.Module):
     apart is what lets a left-padded batch decode in one cache: with slots at positions,
     every row's padding would collide with its first real token.
 
-    ``update`` returns only the filled prefix, so attention never reads unwritten slots.
+    Two ways to read it back. By default ``update`` returns only the filled prefix, so
+    attention never reads unwritten slots and its cost grows with what was written. With
+    ``fixed_shape=True`` it returns the whole buffer, so every decode step has the same
+    shapes and ``torch.compile`` builds one graph for all of them; the write position is
+    then a tensor (``next_slot``), not a Python int a compiled graph would specialise on,
+    and attention masks the unwritten slots with ``filled_mask`` (an exactly-zero weight).
 
     Args:
         batch_size: rows in the batch.
@@ -24,6 +29,7 @@ class KVCache(nn.Module):
         num_kv_heads: key/value heads.
         head_dim: channels per head.
         dtype: buffer dtype.
+        fixed_shape: return the whole buffer from ``update`` (see above).
     """
 
     def __init__(
@@ -35,6 +41,7 @@ class KVCache(nn.Module):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str | None = None,
+        fixed_shape: bool = False,
     ) -> None:
         super().__init__()
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
@@ -44,7 +51,16 @@ class KVCache(nn.Module):
         self.register_buffer(
             "v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
         )
-        self.size = 0
+        self.fixed_shape = fixed_shape
+        self.register_buffer(
+            "next_slot", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        """Slots written so far (a host sync in ``fixed_shape`` mode)."""
+        return int(self.next_slot) if self.fixed_shape else self._size
 
     @property
     def batch_size(self) -> int:
@@ -58,16 +74,20 @@ class KVCache(nn.Module):
         """Zero the buffers and mark every slot free, keeping the allocation."""
         self.k_cache.zero_()
         self.v_cache.zero_()
-        self.size = 0
+        self.next_slot.zero_()
+        self._size = 0
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k``/``v`` ``[b, n_kv_heads, s, head_dim]`` and return the filled prefix.
+        """Append ``k``/``v`` ``[b, n_kv_heads, s, head_dim]`` and return what attention reads.
 
         Returns:
-            keys and values ``[b, n_kv_heads, size + s, head_dim]`` (views of the buffers).
+            keys and values ``[b, n_kv_heads, size + s, head_dim]`` (views of the buffers);
+            with ``fixed_shape``, the whole buffers ``[b, n_kv_heads, max_seq_len, head_dim]``.
 
         Raises:
-            ValueError: if the batch size differs from the cache's, or the cache would overflow.
+            ValueError: if the batch size differs from the cache's, or the cache would overflow
+                (in ``fixed_shape`` mode the caller checks the length up front: checking here
+                would cost a host sync per layer, and an out-of-range write still raises).
         """
         b, _, s, _ = k.shape
         if b != self.batch_size:
@@ -75,20 +95,39 @@ class KVCache(nn.Module):
                 f"KV cache was set up for batch size {self.batch_size} but got {b}; "
                 "call setup_caches with the batch size you run."
             )
-        end = self.size + s
+        if self.fixed_shape:
+            slots = self.next_slot + torch.arange(s, device=k.device)
+            self.k_cache.index_copy_(2, slots, k)
+            self.v_cache.index_copy_(2, slots, v)
+            self.next_slot.add_(s)
+            return self.k_cache, self.v_cache
+        end = self._size + s
         if end > self.max_seq_len:
             raise ValueError(
-                f"KV cache overflow: {self.size} tokens cached + {s} new > {self.max_seq_len} slots; "
-                "call reset_caches() or setup_caches with a larger decoder_max_seq_len."
+                f"KV cache overflow: {self._size} tokens cached + {s} new > {self.max_seq_len} "
+                "slots; call reset_caches() or setup_caches with a larger decoder_max_seq_len."
             )
-        self.k_cache[:, :, self.size : end] = k
-        self.v_cache[:, :, self.size : end] = v
-        self.size = end
+        self.k_cache[:, :, self._size : end] = k
+        self.v_cache[:, :, self._size : end] = v
+        self._size = end
         return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
 
     def filled(self) -> tuple[Tensor, Tensor]:
         """Keys and values written so far, ``[b, n_kv_heads, size, head_dim]`` (views)."""
-        return self.k_cache[:, :, : self.size], self.v_cache[:, :, : self.size]
+        size = self.size
+        return self.k_cache[:, :, :size], self.v_cache[:, :, :size]
+
+    def filled_mask(self, q_len: int, *, causal: bool) -> Tensor:
+        """Which slots the ``q_len`` tokens just written may read, for ``fixed_shape`` mode.
+
+        Returns:
+            bool ``[1, 1, q_len, max_seq_len]``: slots written so far; with ``causal``, only
+            up to each query's own slot.
+        """
+        slots = torch.arange(self.max_seq_len, device=self.next_slot.device)
+        last = self.next_slot - q_len + torch.arange(q_len, device=slots.device)[:, None]
+        visible = slots <= last if causal else (slots < self.next_slot).expand(q_len, -1)
+        return visible[None, None]
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.k_cache.shape)}, dtype={self.k_cache.dtype}, size={self.size}"
+        return f"shape={tuple(self.k_cache.shape)}, dtype={self.k_cache.dtype}, size={self.size}, fixed_shape={self.fixed_shape}"

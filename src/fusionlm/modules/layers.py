@@ -107,9 +107,13 @@ class TransformerSelfAttentionLayer(_CachedLayerMixin, GradientCheckpointingLaye
         *,
         encoder_max_seq_len: int | None = None,
         decoder_max_seq_len: int | None = None,
+        fixed_shape: bool = False,
     ) -> None:
-        """Allocate this layer's self-attention cache of ``decoder_max_seq_len`` slots."""
-        self.attn.setup_cache(batch_size, dtype, max_seq_len=decoder_max_seq_len)
+        """Allocate this layer's self-attention cache of ``decoder_max_seq_len`` slots
+        (``fixed_shape``: see ``KVCache``)."""
+        self.attn.setup_cache(
+            batch_size, dtype, max_seq_len=decoder_max_seq_len, fixed_shape=fixed_shape
+        )
 
     def forward(
         self,
@@ -194,8 +198,13 @@ class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLay
         *,
         encoder_max_seq_len: int | None = None,
         decoder_max_seq_len: int | None = None,
+        fixed_shape: bool = False,
     ) -> None:
-        """Allocate the encoder key/value cache of ``encoder_max_seq_len`` slots."""
+        """Allocate the encoder key/value cache of ``encoder_max_seq_len`` slots.
+
+        ``fixed_shape`` changes nothing here: the encoder's keys and values are written once,
+        filling the cache, so reading it back already has a fixed shape.
+        """
         if encoder_max_seq_len is None:
             raise ValueError(
                 "a cross-attention layer needs encoder_max_seq_len to set up its cache"
