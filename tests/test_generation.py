@@ -148,3 +148,24 @@ def test_generate_leaves_the_model_without_caches(pair):
     generate(model, [[1, 2, 3]], max_new_tokens=3)
     assert not model.caches_are_setup()
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 96)
+
+
+@pytest.mark.slow
+def test_stop_strings_end_a_row_at_the_token_completing_them():
+    model, tokenizer = fusionlm.load_model(), fusionlm.load_tokenizer()
+    prompts = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": question}]),
+            add_special_tokens=False,
+        )
+        for question in ("What is the capital of France?", "Write a haiku about the sea.")
+    ]
+    full = generate(model, prompts, max_new_tokens=12)
+    assert tokenizer.decode(full[0]).startswith("The capital of France is Paris")
+    # "of Fr" spans tokens; the second row never says it and runs to max_new_tokens.
+    stopped = generate(
+        model, prompts, max_new_tokens=12, stop_strings=["of Fr"], tokenizer=tokenizer
+    )
+    assert tokenizer.decode(stopped[0]) == "The capital of France"
+    assert stopped[0] == full[0][: len(stopped[0])]
+    assert "of Fr" not in tokenizer.decode(full[1]) and stopped[1] == full[1]

@@ -432,6 +432,11 @@ def generate(
     stop_ids = set(stop_tokens or ())
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
+    # Each row's text so far, decoded incrementally: a stop string is looked for in the text
+    # the newest token completed plus the longest stop string's worth before it.
+    decoders = [tokenizer.stream_decoder() for _ in prompts] if stop_strings else []
+    texts = [""] * len(prompts)
+    lookback = max((len(s) for s in stop_strings or ()), default=0)
     for step in generate_tokens(
         model,
         prompts,
@@ -450,8 +455,11 @@ def generate(
                 finished[i] = True
                 continue
             outputs[i].append(token)
-            if stop_strings and any(s in tokenizer.decode(outputs[i]) for s in stop_strings):
-                finished[i] = True
+            if decoders:
+                piece = decoders[i].push(token)
+                window = texts[i][-lookback:] + piece
+                texts[i] += piece
+                finished[i] = any(s in window for s in stop_strings)
         if all(finished):
             break
     return outputs
