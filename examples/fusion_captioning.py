@@ -1,9 +1,11 @@
 """Teach a frozen language model to see: caption synthetic images through deep fusion.
 
 SmolLM2-135M-Instruct (fusionlm's default model) stays frozen. A small vision transformer
-encodes 48x48 images (as their difference from a blank picture, see DifferenceEncoder);
-gated cross-attention layers fused into every 6th decoder layer read its output. Only the new parts train: the cross-attention layers, the projection head and
-(unless --freeze-encoder) the vision encoder. The images are drawn on the fly: a red, green,
+with 4-pixel patches encodes 48x48 images (as their difference from a blank picture, with a
+learned position vector on every patch that differs from it, see DifferenceEncoder); gated
+cross-attention layers fused into every 6th decoder layer read its output. Only the new
+parts train: the cross-attention layers, the projection head and (unless --freeze-encoder)
+the vision encoder with its position vectors. The images are drawn on the fly: a red, green,
 blue or yellow circle, square or triangle on the left, right, top or bottom, captioned
 "a red circle on the left" through the model's chat template. After training, the model
 captions held-out images with ``fusionlm.generate(..., images=...)``; the script prints the
@@ -49,6 +51,8 @@ POSITIONS = {
     "bottom": "at the bottom",
 }
 BACKGROUND = 0.5
+# 4-pixel patches: a shape (12 to 16 pixels across) spans several, enough to tell its outline.
+PATCH_SIZE = 4
 SYSTEM = "You caption images."
 QUESTION = "Describe the image."
 
@@ -134,18 +138,41 @@ def training_batch(
 
 
 class DifferenceEncoder(nn.Module):
-    """A vision encoder that encodes what differs from a blank picture: ``f(x) - f(blank)``.
+    """A vision encoder that encodes what differs from a blank picture, and where.
 
     A freshly initialised encoder's output is dominated by what every image shares (position
     embeddings, the class token, the background). Fusion layers reading it learn the
     captions' text prior from that shared part first and stay closed to the image for
-    hundreds of steps; with the shared part cancelled, the image is all they read.
+    hundreds of steps; with the shared part cancelled, ``f(x) - f(blank)``, the image is all
+    they read. The difference cancels the position embeddings too, though, and
+    cross-attention pools its keys as a set: a fusion layer could tell what is in the
+    picture but hardly where. So every patch token also gets a learned position vector,
+    scaled by how much the patch differs from the blank picture (the mean over its pixels of
+    the largest absolute channel difference): nothing on the background, and pooled over a
+    shape, a vector for where the shape is.
+
+    Args:
+        encoder: a ``VisionTransformer`` (class token first, then the patches row by row).
+        background: the blank picture's value in every channel.
+        patch_size: ``encoder``'s patch side.
+        position_scale: the standard deviation of the position vectors at initialisation.
     """
 
-    def __init__(self, encoder: VisionTransformer, *, background: float) -> None:
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        *,
+        background: float,
+        patch_size: int,
+        position_scale: float = 0.2,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.background = background
+        self.patch_size = patch_size
+        num_patches = encoder.tokens_per_image - 1
+        width = encoder.projection.out_features
+        self.position = nn.Parameter(torch.randn(num_patches, width) * position_scale)
 
     @property
     def tokens_per_image(self) -> int:
@@ -153,8 +180,14 @@ class DifferenceEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[b, n, c, h, w] -> [b, n * tokens_per_image, d]``."""
+        b, n = images.shape[:2]
         blank = torch.full_like(images[:1, :1], self.background)
-        return self.encoder(images) - self.encoder(blank).repeat(1, images.shape[1], 1)
+        tokens = self.encoder(images) - self.encoder(blank).repeat(1, n, 1)
+        change = (images - self.background).abs().amax(dim=2).flatten(0, 1)  # [b * n, h, w]
+        weight = F.avg_pool2d(change[:, None], self.patch_size).flatten(1)  # [b * n, patches]
+        where = weight[..., None] * self.position
+        where = torch.cat([torch.zeros_like(where[:, :1]), where], dim=1)  # none for the class
+        return tokens + where.reshape(b, n * self.tokens_per_image, -1)
 
 
 def build_model(
@@ -169,7 +202,7 @@ def build_model(
     width = decoder.tok_embeddings.embedding_dim
     encoder = vision_transformer(
         image_size=image_size,
-        patch_size=8,
+        patch_size=PATCH_SIZE,
         embed_dim=128,
         num_layers=4,
         num_heads=4,
@@ -179,7 +212,7 @@ def build_model(
     fused = fuse_decoder(decoder, every_n_layers=every_n_layers, intermediate_size=2 * width)
     return DeepFusionModel(
         fused,
-        DifferenceEncoder(encoder, background=BACKGROUND),
+        DifferenceEncoder(encoder, background=BACKGROUND, patch_size=PATCH_SIZE),
         decoder_trainable=False,
         encoder_trainable=train_encoder,
         fusion_trainable=True,
