@@ -64,4 +64,6 @@ def eager_decoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     """Decode steps run eagerly (over the same fixed-shape cache) unless a test is marked
     ``compiled``: compiling a graph for every tiny model would dominate the suite's time."""
     if "compiled" not in request.keywords:
-        monkeypatch.setattr(generation, "_compiled_forward_step", lambda: generation._forward_step)
+        monkeypatch.setattr(
+            generation, "_compiled_forward_step", lambda **options: generation._forward_step
+        )

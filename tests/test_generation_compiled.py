@@ -78,7 +78,7 @@ def test_a_compiler_failure_falls_back_to_eager(monkeypatch):
             "inductor", RuntimeError("no C++ compiler"), None
         )
 
-    monkeypatch.setattr(generation, "_compiled_forward_step", lambda: fail)
+    monkeypatch.setattr(generation, "_compiled_forward_step", lambda **options: fail)
     with pytest.warns(RuntimeWarning, match="(?s)decoding eagerly.*no C\\+\\+ compiler"):
         tokens = generate(model, PROMPTS, max_new_tokens=8)
     assert tokens == generate(model, PROMPTS, max_new_tokens=8, compile=False)

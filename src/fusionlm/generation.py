@@ -291,11 +291,18 @@ def _forward_step(
 
 
 @functools.cache
-def _compiled_forward_step() -> Callable[..., Tensor]:
+def _compiled_forward_step(*, decompose_matvecs: bool) -> Callable[..., Tensor]:
     """``_forward_step`` compiled by inductor, made on first use (importing torch's compiler
     stack takes seconds). One function for every model: dynamo keeps a graph per model, batch
-    size and cache length, up to ``torch._dynamo.config.recompile_limit`` of them."""
-    return torch.compile(_forward_step, dynamic=False)
+    size and cache length, up to ``torch._dynamo.config.recompile_limit`` of them.
+
+    ``decompose_matvecs`` turns on inductor's ``decompose_mm_pass``: each single-row matmul (a
+    batch-1 decode step; both matrix sides up to 2048) becomes a multiply-and-sum kernel of
+    its own, fused with its neighbours, instead of a BLAS call. Measured on the default
+    model: fp32 decoding 1.35x faster, bf16 slower (its BLAS kernel wins), so fp32 only.
+    """
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if decompose_matvecs else {}
+    return torch.compile(_forward_step, dynamic=False, options=options)
 
 
 class DecodeStep:
@@ -308,6 +315,7 @@ class DecodeStep:
     def __init__(self, model: TransformerDecoder, *, compile: bool) -> None:
         self.model = model
         self.compiled = compile
+        self.fp32 = model.tok_embeddings.weight.dtype == torch.float32
 
     def __call__(
         self,
@@ -320,7 +328,7 @@ class DecodeStep:
         """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
         if self.compiled:
             try:
-                return _compiled_forward_step()(
+                return _compiled_forward_step(decompose_matvecs=self.fp32)(
                     self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
                 )
             except torch._dynamo.exc.BackendCompilerFailed as error:
