@@ -3,6 +3,10 @@
     make peers                      # llama-cpp-python (compiles llama.cpp, ~8 min), once
     .venv/bin/python benchmarks/compare.py [--threads 2] [--systems fusionlm,transformers,llama.cpp]
 
+``fusionlm`` is the default fast path (compiled decode step); ``fusionlm-eager`` the same
+loop with ``--no-compile``. "cold start" is load plus the first short generation, where the
+decode step compiles (or loads from inductor's on-disk cache, if an earlier run filled it).
+
 Every measurement runs in a fresh subprocess (so peak RSS and thread settings are its own),
 at batch size 1: decode = ``--new-tokens`` greedy tokens after a ``--prompt-len`` prompt,
 prefill = a ``--prefill-len`` prompt. The weights are the default model's (SmolLM2-135M-Instruct,
@@ -47,8 +51,9 @@ def child(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_fusionlm(mode: str, args: argparse.Namespace) -> dict:
+def run_fusionlm(mode: str, args: argparse.Namespace, *, compile: bool) -> dict:
     cmd = [sys.executable, "-m", "fusionlm", "bench", "--json", *MODES[mode][0]]
+    cmd += [] if compile else ["--no-compile"]
     cmd += ["--threads", str(args.threads), "--prompt-len", str(args.prompt_len)]
     cmd += ["--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -165,8 +170,8 @@ def measure_llama_cpp(ftype: str, args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| mode | system | load s | decode tok/s | prefill tok/s | peak RSS MB | decode vs llama.cpp | prefill vs llama.cpp | decode vs transformers |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | system | load s | cold start s | decode tok/s | prefill tok/s | peak RSS MB | decode vs llama.cpp | prefill vs llama.cpp | decode vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         peers = {r["system"]: r for r in rows if r["mode"] == row["mode"]}
@@ -174,12 +179,13 @@ def table(rows: list[dict]) -> str:
         def ratio(key: str, peer: str, row: dict = row, peers: dict = peers) -> str:
             return (
                 f"{row[key] / peers[peer][key]:.2f}x"
-                if row["system"] == "fusionlm" and peer in peers
+                if row["system"].startswith("fusionlm") and peer in peers
                 else ""
             )
 
         lines.append(
-            f"| {row['mode']} | {row['system']} | {row['load_s']:.2f} | {row['decode_tok_s']:.1f} | "
+            f"| {row['mode']} | {row['system']} | {row['load_s']:.2f} | "
+            f"{row['load_s'] + row['warmup_s']:.1f} | {row['decode_tok_s']:.1f} | "
             f"{row['prefill_tok_s']:.0f} | {row['peak_rss_mb']:.0f} | {ratio('decode_tok_s', 'llama.cpp')} | "
             f"{ratio('prefill_tok_s', 'llama.cpp')} | {ratio('decode_tok_s', 'transformers')} |"
         )
@@ -193,7 +199,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--systems", default="fusionlm,transformers,llama.cpp")
+    parser.add_argument("--systems", default="fusionlm,fusionlm-eager,transformers,llama.cpp")
     parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     common = ["--threads", str(args.threads), "--prompt-len", str(args.prompt_len)]
@@ -208,8 +214,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         _, hf_dtype, ftype = MODES[mode]
         for system in args.systems.split(","):
-            if system == "fusionlm":
-                result = run_fusionlm(mode, args)
+            if system in ("fusionlm", "fusionlm-eager"):
+                result = run_fusionlm(mode, args, compile=system == "fusionlm")
             elif system == "transformers" and hf_dtype is not None:
                 result = child(["transformers", hf_dtype, *common])
             elif system == "llama.cpp":

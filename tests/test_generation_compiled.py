@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fusionlm
 from fusionlm import generation
 from fusionlm.generation import generate
 from fusionlm.inference.quantize import quantize_int8
@@ -82,3 +83,14 @@ def test_a_compiler_failure_falls_back_to_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="(?s)decoding eagerly.*no C\\+\\+ compiler"):
         tokens = generate(model, PROMPTS, max_new_tokens=8)
     assert tokens == generate(model, PROMPTS, max_new_tokens=8, compile=False)
+
+
+def test_default_model_compiled_greedy_tokens_equal_eager():
+    """fp32, batch 1: the compiled step (matvecs decomposed into fused kernels) gives the
+    eager loop's tokens on the real model too."""
+    model, tokenizer = fusionlm.load_model(), fusionlm.load_tokenizer()
+    for question in ("What is the capital of France?", "Write a haiku about the sea."):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}])
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        eager = generate(model, [prompt], max_new_tokens=24, compile=False)
+        assert generate(model, [prompt], max_new_tokens=24) == eager
