@@ -12,7 +12,7 @@ captions held-out images with ``fusionlm.generate(..., images=...)``; the script
 accuracy of each attribute and saves a grid of images with their captions.
 
     pip install 'fusionlm[vision]'   # Pillow, for the PNG grid
-    python examples/fusion_captioning.py --steps 250 --out captions.png
+    python examples/fusion_captioning.py --steps 350 --out captions.png
 
 Seeded, so a run repeats exactly on the same machine (and number of threads).
 """
@@ -51,7 +51,7 @@ POSITIONS = {
     "bottom": "at the bottom",
 }
 BACKGROUND = 0.5
-# 4-pixel patches: a shape (12 to 16 pixels across) spans several, enough to tell its outline.
+# 4-pixel patches: a shape (16 to 21 pixels across) spans four or five, enough to tell its outline.
 PATCH_SIZE = 4
 SYSTEM = "You caption images."
 QUESTION = "Describe the image."
@@ -78,14 +78,14 @@ def draw(rng: np.random.Generator, *, size: int) -> Example:
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
     # Centres of different positions are apart: "left" is near the left edge and mid-height.
-    along, across = rng.uniform(0.18, 0.28), rng.uniform(0.38, 0.62)
+    along, across = rng.uniform(0.24, 0.3), rng.uniform(0.38, 0.62)
     cx, cy = {
         "left": (along, across),
         "right": (1 - along, across),
         "top": (across, along),
         "bottom": (across, 1 - along),
     }[position]
-    r = rng.uniform(0.12, 0.17)
+    r = rng.uniform(0.17, 0.22)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     x, y = (x + 0.5) / size - cx, (y + 0.5) / size - cy
     if shape == "circle":
@@ -354,7 +354,7 @@ def save_grid(results: list[tuple[Example, str]], path: str, *, columns: int = 6
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250, help="training steps (default 250)")
+    parser.add_argument("--steps", type=int, default=350, help="training steps (default 350)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--image-size", type=int, default=48)
