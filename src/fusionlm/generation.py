@@ -440,10 +440,10 @@ def generate(
     stop_ids = set(stop_tokens or ())
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    # Each row's text so far, decoded incrementally: a stop string is looked for in the text
-    # the newest token completed plus the longest stop string's worth before it.
+    # Each row's output is decoded incrementally; a stop string is looked for in the text the
+    # newest token completed plus the tail before it that a stop string could start in.
     decoders = [tokenizer.stream_decoder() for _ in prompts] if stop_strings else []
-    texts = [""] * len(prompts)
+    tails = [""] * len(prompts)
     lookback = max((len(s) for s in stop_strings or ()), default=0)
     for step in generate_tokens(
         model,
@@ -464,9 +464,8 @@ def generate(
                 continue
             outputs[i].append(token)
             if decoders:
-                piece = decoders[i].push(token)
-                window = texts[i][-lookback:] + piece
-                texts[i] += piece
+                window = tails[i] + decoders[i].push(token)
+                tails[i] = window[max(0, len(window) - lookback) :]
                 finished[i] = any(s in window for s in stop_strings)
         if all(finished):
             break
