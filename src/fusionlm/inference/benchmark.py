@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from fusionlm.generation import SamplingParams, generate_tokens
+from fusionlm.generation import GenerationStats, SamplingParams, generate_tokens
 from fusionlm.loading import load_model
 from fusionlm.models.registry import DEFAULT_MODEL
 
@@ -38,8 +38,9 @@ def benchmark(
     """Measure one model configuration at batch size 1, greedy, no stop tokens.
 
     ``load_s`` covers reading and preparing the weights; ``warmup_s`` one short generation
-    (where the decode step compiles, with ``compile``); together they are the cold start. Decode is ``new_tokens`` steps after a
-    ``prompt_len`` prompt, prefill a ``prefill_len`` prompt; each is the best of ``repeats``.
+    (where the decode step compiles, with ``compile``); together they are the cold start.
+    Decode is ``new_tokens`` steps after a ``prompt_len`` prompt, prefill a ``prefill_len``
+    prompt; each is the best of ``repeats``.
     """
     started = time.perf_counter()
     model = load_model(source, dtype=dtype, quant=quant)
@@ -50,22 +51,23 @@ def benchmark(
     def prompt(n: int) -> list[int]:
         return torch.randint(0, vocab, (n,), generator=generator).tolist()
 
-    def run(tokens: list[int], steps: int) -> tuple[float, float]:
-        """(seconds to the first token, seconds for the remaining steps)."""
+    def run(tokens: list[int], steps: int) -> GenerationStats:
+        stats = GenerationStats(prompt_tokens=len(tokens))
         started = time.perf_counter()
-        first = None
         for _ in generate_tokens(
             model, [tokens], max_new_tokens=steps, sampling=SamplingParams(), compile=compile
         ):
-            first = first if first is not None else time.perf_counter()
-        assert first is not None
-        return first - started, time.perf_counter() - first
+            stats.record(time.perf_counter() - started)
+        return stats
 
     started = time.perf_counter()
     run(prompt(prompt_len), 4)
     warmup_s = time.perf_counter() - started
-    decode_s = min(run(prompt(prompt_len), new_tokens)[1] for _ in range(repeats))
-    prefill_s = min(run(prompt(prefill_len), 1)[0] for _ in range(repeats))
+    decode_s = min(
+        stats.first_step_s + stats.decode_s
+        for stats in (run(prompt(prompt_len), new_tokens) for _ in range(repeats))
+    )
+    prefill_s = min(run(prompt(prefill_len), 1).prefill_s for _ in range(repeats))
     return BenchResult(
         load_s=load_s,
         warmup_s=warmup_s,

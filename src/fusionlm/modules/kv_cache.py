@@ -130,4 +130,7 @@ class KVCache(nn.Module):
         return visible[None, None]
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.k_cache.shape)}, dtype={self.k_cache.dtype}, size={self.size}, fixed_shape={self.fixed_shape}"
+        return (
+            f"shape={tuple(self.k_cache.shape)}, dtype={self.k_cache.dtype}, size={self.size}, "
+            f"fixed_shape={self.fixed_shape}"
+        )
