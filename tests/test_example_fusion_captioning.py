@@ -43,7 +43,16 @@ def test_two_training_steps_change_only_what_trains(example, tmp_path):
         max_position_embeddings=64,
         tie_word_embeddings=True,
     )
-    model = example.build_model(llama(config), image_size=48, every_n_layers=1, train_encoder=True)
+    encoder = example.ShapeEncoder(image_size=48, width=16, out_dim=32, background=0.5)
+    before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    losses = example.pretrain_encoder(
+        encoder, steps=2, batch_size=4, lr=1e-3, image_size=48, seed=0, log_every=1
+    )
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    changed = {n for n, p in encoder.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(before) - {"projection.weight", "projection.bias"}, changed
+
+    model = example.build_model(llama(config), encoder, every_n_layers=1, train_encoder=False)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     losses = example.train(
         model, tokenizer, steps=2, batch_size=2, lr=1e-3, image_size=48, seed=0, log_every=1
@@ -51,7 +60,8 @@ def test_two_training_steps_change_only_what_trains(example, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "the fusion parameters train"
-    assert all(n.startswith("encoder.") or ".fusion_layer." in n for n in changed), changed
+    fusion = {n for n in before if n.startswith("encoder.projection.") or ".fusion_layer." in n}
+    assert changed <= fusion, changed - fusion
 
     accuracy, results = example.evaluate(
         model, tokenizer, count=2, image_size=48, seed=1, batch_size=2
@@ -59,6 +69,13 @@ def test_two_training_steps_change_only_what_trains(example, tmp_path):
     assert {"shape", "colour", "position", "all three"} <= set(accuracy)
     example.save_grid(results, str(tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_the_encoder_names_a_wrong_image_shape(example):
+    encoder = example.ShapeEncoder(image_size=48, width=16, out_dim=32, background=0.5)
+    assert encoder(torch.rand(2, 1, 3, 48, 48)).shape == (2, encoder.tokens_per_image, 32)
+    with pytest.raises(ValueError, match=r"expected images \[b, n, 3, 48, 48\]"):
+        encoder(torch.rand(2, 1, 3, 32, 32))
 
 
 def test_captions_parse_back_to_their_attributes(example):
