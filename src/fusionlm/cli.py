@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     model.add_argument(
-        "--quant", choices=QUANTIZATIONS, default="none", help="int8: weight-only int8 linears"
+        "--quant",
+        choices=QUANTIZATIONS,
+        default="none",
+        help="weight-only linears computing in fp32: bf16 weights, or int8 with group-32 scales",
     )
     model.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"

@@ -19,7 +19,7 @@ from fusionlm.checkpoint.hf import (
     write_hf_dir,
 )
 from fusionlm.checkpoint.mllama import load_mllama_dir
-from fusionlm.inference.quantize import quantize_int8
+from fusionlm.inference.quantize import WEIGHT_FORMATS, quantize
 from fusionlm.models.llama import LlamaConfig, llama
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS, resolve
 from fusionlm.modules.decoder import TransformerDecoder
@@ -27,7 +27,7 @@ from fusionlm.modules.fusion import DeepFusionModel
 from fusionlm.tokenizer import Tokenizer
 
 SUPPORTED_HF_MODEL_TYPES = ("llama", "mllama")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", *WEIGHT_FORMATS)
 
 
 def load_model(
@@ -48,8 +48,9 @@ def load_model(
         dtype: the parameters' dtype (quantized GGUF tensors are dequantized to it).
         attn_backend: ``"eager"``, ``"sdpa"``, ``"flex"`` or a registered backend.
         max_seq_len: override the model's context length.
-        quant: ``"none"``, or ``"int8"`` for weight-only int8 linears (per-channel scales) that
-            decode faster on CPU.
+        quant: ``"none"``, or weight-only linears that decode faster on CPU and compute in
+            fp32: ``"bf16"`` (bf16 weights) or ``"int8"`` (int8 weights, one scale per 32
+            inputs, as llama.cpp's Q8_0).
 
     Returns:
         the model in eval mode.
@@ -81,8 +82,8 @@ def load_model(
         raise FileNotFoundError(
             f"no model at {path}: expected a registered name {sorted(MODELS)}, a .gguf file or a transformers directory"
         )
-    if quant == "int8":
-        quantize_int8(model)
+    if quant != "none":
+        quantize(model, quant)
     return model.eval()
 
 

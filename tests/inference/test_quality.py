@@ -25,7 +25,7 @@ PROMPTS = [
     "Why do cats purr?",
     "Write a short thank-you note to a teacher.",
 ]
-VARIANTS = {"bfloat16": {"dtype": torch.bfloat16}, "int8": {"quant": "int8"}}
+VARIANTS = {"bf16": {"quant": "bf16"}, "int8": {"quant": "int8"}}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,6 @@ def greedy(model, tokenizer) -> list[list[int]]:
     return outputs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 4 (open): measured 246/320 (bf16) and 177/320 (int8) tokens agree on 2026-11-22; "
-    "bf16 keeps bf16 activations and int8 uses per-channel scales (bf16 weights with fp32 "
-    "activations agreed 320/320, int8 group-32 scales 294/320, in a one-off simulation). "
-    "Strict: passing means update this.",
-)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_tokens_agree_with_fp32(reference, tokenizer, variant):
     _, expected, _ = reference

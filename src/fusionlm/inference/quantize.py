@@ -1,86 +1,148 @@
-"""Weight-only int8 linears for fast CPU decoding."""
+"""Weight-only bf16 and int8 linears: smaller weights, fp32 math, fast CPU decoding."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, dequantize_int8, load_kernels
 from fusionlm.modules.decoder import TiedLinear
 
+WEIGHT_FORMATS = ("bf16", "int8")
+# Up to this many rows (decoding) the streaming kernels win; a prompt's rows are one GEMM on
+# the dequantized fp32 weight, far faster than bf16 or int8 math on CPUs without native bf16.
+MATVEC_MAX_ROWS = 16
 
-class Int8Linear(nn.Module):
-    """A linear layer with int8 weights and one fp scale per output channel.
 
-    ``y = (x @ q.T) * scale + bias`` with ``q = round(w / scale)``, ``scale = max|w_row| / 127``.
-    The product runs in ``torch._weight_int8pack_mm`` with bf16 activations: on AVX2 CPUs its
-    fp32-activation variant is ~10x slower, and bf16 activations cost little accuracy next to
-    int8 weights. The output has the input's dtype.
+def _check_int8_width(in_features: int) -> None:
+    if in_features % INT8_GROUP_SIZE:
+        raise ValueError(
+            f"int8 weights need in_features divisible by {INT8_GROUP_SIZE}, got {in_features}; "
+            "use bf16 for this model"
+        )
+
+
+class WeightOnlyLinear(nn.Module):
+    """A linear layer that stores its weight in bf16, or in int8 with one scale per 32 inputs
+    (llama.cpp's Q8_0 layout), and computes in fp32.
+
+    ``y = x @ W.T + bias`` with ``W = dequantize()``. Only the stored weight loses precision,
+    never the activations. On the default model, 10 prompts x 32 greedy tokens agree with
+    fp32 on 320 of 320 tokens with bf16 weights, 294 with int8 weights, but 176 when the
+    activations entering each linear are rounded to bf16 as well. Up to
+    ``MATVEC_MAX_ROWS`` rows run in ``cpu_kernels``' streaming kernels (built when the
+    first layer is made; without them, as with more rows, the product is one fp32 GEMM on
+    the dequantized weight). The output has the input's dtype.
 
     Args:
-        weight: int8 ``[out, in]``.
-        scale: ``[out]``.
+        weight: bf16 or int8 ``[out, in]``.
+        scale: for int8 weights, fp32 ``[out, in / 32]``; None for bf16.
         bias: ``[out]`` or None.
+
+    Raises:
+        ValueError: another weight dtype, or a scale that does not fit the weight.
     """
 
-    def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None):
         super().__init__()
-        if weight.dtype != torch.int8 or weight.dim() != 2:
+        if weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.int8):
             raise ValueError(
-                f"weight must be int8 [out, in], got {weight.dtype} {tuple(weight.shape)}"
+                f"weight must be bf16 or int8 [out, in], got {weight.dtype} {tuple(weight.shape)}"
             )
-        if scale.shape != weight.shape[:1]:
-            raise ValueError(f"scale must be [{weight.shape[0]}], got {tuple(scale.shape)}")
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        out_features, in_features = weight.shape
+        if weight.dtype == torch.int8:
+            _check_int8_width(in_features)
+            expected = (out_features, in_features // INT8_GROUP_SIZE)
+            if scale is None or tuple(scale.shape) != expected:
+                got = None if scale is None else tuple(scale.shape)
+                raise ValueError(f"int8 weights need a scale of shape {list(expected)}, got {got}")
+            scale = scale.float().contiguous()
+        elif scale is not None:
+            raise ValueError("bf16 weights take no scale")
+        self.in_features, self.out_features = in_features, out_features
+        self.streaming = load_kernels()
         self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
-        """Quantize a float ``[out, in]`` weight symmetrically per output channel.
+    def from_float(
+        cls, weight: Tensor, bias: Tensor | None = None, *, format: str
+    ) -> WeightOnlyLinear:
+        """Round a float ``[out, in]`` weight to bf16, or quantize it to int8 symmetrically per
+        group of 32 inputs (``scale = max|w| / 127`` over the group, so every weight is off
+        by at most half a step).
 
-        The kernel takes bf16 scales, so the scale is rounded to bf16 first (upwards, hence
-        the ``1 + 2**-7``: bf16 rounding moves a value by at most 2**-8 of itself) and the
-        weights are quantized against exactly the scale used at run time: the error per
-        weight stays within half a step.
+        Raises:
+            ValueError: an unknown ``format``; int8 with ``in`` not a multiple of 32.
         """
+        if format not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
         w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0 * (1 + 2**-7)).clamp(min=1e-12).to(torch.bfloat16)
-        q = (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-        return cls(q, scale, bias)
+        if format == "bf16":
+            return cls(w.bfloat16(), bias=bias)
+        _check_int8_width(w.shape[1])
+        groups = w.view(w.shape[0], -1, INT8_GROUP_SIZE)
+        scale = (groups.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+        q = (groups / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
+        return cls(q.view(w.shape), scale, bias)
+
+    @property
+    def format(self) -> str:
+        """``"bf16"`` or ``"int8"``."""
+        return "bf16" if self.weight.dtype == torch.bfloat16 else "int8"
 
     def dequantize(self) -> Tensor:
-        """The float weight ``[out, in]`` this layer computes with."""
-        return self.weight.float() * self.scale.float()[:, None]
+        """The fp32 weight ``[out, in]`` this layer computes with."""
+        if self.scale is None:
+            return self.weight.float()
+        return dequantize_int8(self.weight, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in] -> [..., out]``."""
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(flat, self.weight, self.scale).to(x.dtype)
+        flat = x.reshape(-1, self.in_features).float()
+        if flat.shape[0] > MATVEC_MAX_ROWS or not self.streaming:
+            y = F.linear(flat, self.dequantize())
+        elif self.scale is None:
+            y = torch.ops.fusionlm.linear_bf16(flat, self.weight)
+        else:
+            y = torch.ops.fusionlm.linear_int8(flat, self.weight, self.scale)
         y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.format}, bias={self.bias is not None}"
+        )
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` (and a tied output projection) by an ``Int8Linear``, in place.
+def quantize(model: nn.Module, format: str) -> nn.Module:
+    """Replace every ``nn.Linear`` (and a tied output projection) by a ``WeightOnlyLinear`` of
+    ``format`` (``"bf16"`` or ``"int8"``), in place.
 
-    Embedding lookups keep their float table; a tied output head gets its own int8 copy,
-    since it streams the whole vocabulary matrix at every decode step.
+    Embedding lookups keep their float table; a tied output head gets its own copy, since it
+    streams the whole vocabulary matrix at every decode step.
 
     Returns:
         ``model``.
+
+    Raises:
+        ValueError: an unknown format, or (int8) a layer whose input width is not a multiple
+            of 32.
     """
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear.from_float(child.weight, child.bias))
+                replacement = WeightOnlyLinear.from_float(child.weight, child.bias, format=format)
+                setattr(module, child_name, replacement)
         output = getattr(module, "output", None)
         if isinstance(output, TiedLinear):
-            module.output = Int8Linear.from_float(output.weight)
+            module.output = WeightOnlyLinear.from_float(output.weight, format=format)
     return model
 
 
-__all__ = ["Int8Linear", "quantize_int8"]
+__all__ = ["MATVEC_MAX_ROWS", "WEIGHT_FORMATS", "WeightOnlyLinear", "quantize"]

@@ -1,0 +1,168 @@
+// Matrix-vector products for decoding on CPU: y = x @ W.T for a few rows of fp32 activations,
+// with W stored as bf16 or as int8 with one fp32 scale per 32 consecutive inputs
+// (llama.cpp's Q8_0 layout). Decoding streams every weight once per token, so these run at
+// memory bandwidth: AVX2/FMA where the compiler targets it, plain loops elsewhere.
+//
+// Built on first use by fusionlm/inference/cpu_kernels.py (torch.utils.cpp_extension) and
+// called as torch.ops.fusionlm.linear_bf16 / linear_int8.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FUSIONLM_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;  // inputs per int8 scale
+constexpr int64_t kGrain = 64;  // weight rows per parallel task, at least
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
+#ifdef FUSIONLM_AVX2
+inline float horizontal_sum(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+inline __m256 load_bf16(const uint16_t* p) {  // 8 bf16 -> 8 fp32
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256 load_int8(const int8_t* p) {  // 8 int8 -> 8 fp32
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+}
+
+// Decoding reads each weight once, so the kernels ask for weights this far ahead of use.
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+#endif
+
+float dot_bf16(const float* x, const uint16_t* w, int64_t k_size) {
+  int64_t k = 0;
+  float total = 0.0f;
+#ifdef FUSIONLM_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (; k + 32 <= k_size; k += 32) {  // 32 bf16 weights: one cache line
+    prefetch(w + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_bf16(w + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_bf16(w + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_bf16(w + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_bf16(w + k + 24), a3);
+  }
+  total = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+  for (; k < k_size; ++k) total += x[k] * bf16_to_float(w[k]);
+  return total;
+}
+
+// k_size is a multiple of kGroup; scale holds k_size / kGroup values.
+float dot_int8(const float* x, const int8_t* w, const float* scale, int64_t k_size) {
+  float total = 0.0f;
+#ifdef FUSIONLM_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < k_size / kGroup; ++g) {
+    const float* xg = x + g * kGroup;
+    const int8_t* wg = w + g * kGroup;
+    prefetch(wg);
+    __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(xg), load_int8(wg));
+    __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), load_int8(wg + 8));
+    p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), load_int8(wg + 16), p0);
+    p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), load_int8(wg + 24), p1);
+    acc = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), _mm256_set1_ps(scale[g]), acc);
+  }
+  total = horizontal_sum(acc);
+#else
+  for (int64_t g = 0; g < k_size / kGroup; ++g) {
+    float part = 0.0f;
+    for (int64_t j = 0; j < kGroup; ++j) part += x[g * kGroup + j] * w[g * kGroup + j];
+    total += part * scale[g];
+  }
+#endif
+  return total;
+}
+
+void check_input(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 [m, k] tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
+              "weight must be a contiguous [n, k] tensor with k = ", x.size(1));
+}
+
+// y[m, n] = dot(x[m], n): the product of row m of x with row n of the weight, over the
+// weight's rows in parallel.
+template <typename Dot>
+at::Tensor matvec(const at::Tensor& x, int64_t n_size, Dot dot) {
+  const int64_t m_size = x.size(0), k_size = x.size(1);
+  auto y = at::empty({m_size, n_size}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n_size, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < m_size; ++m) yp[m * n_size + n] = dot(xp + m * k_size, n);
+  });
+  return y;
+}
+
+}  // namespace
+
+at::Tensor linear_bf16(const at::Tensor& input, const at::Tensor& weight) {
+  const auto x = input.contiguous();
+  check_input(x, weight);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weight must be bfloat16");
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const int64_t k = x.size(1);
+  return matvec(x, weight.size(0), [=](const float* row, int64_t n) {
+    return dot_bf16(row, w + n * k, k);
+  });
+}
+
+at::Tensor linear_int8(const at::Tensor& input, const at::Tensor& weight,
+                          const at::Tensor& scale) {
+  const auto x = input.contiguous();
+  check_input(x, weight);
+  const int64_t k = x.size(1);
+  TORCH_CHECK(weight.scalar_type() == at::kChar, "weight must be int8");
+  TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.dim() == 2 && scale.size(0) == weight.size(0) &&
+                  scale.size(1) == k / kGroup,
+              "scale must be a contiguous float32 [n, k / ", kGroup, "] tensor");
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  return matvec(x, weight.size(0), [=](const float* row, int64_t n) {
+    return dot_int8(row, w + n * k, s + n * (k / kGroup), k);
+  });
+}
+
+// Registered with PyTorch's dispatcher, so compiled graphs call them without Python.
+TORCH_LIBRARY(fusionlm, m) {
+  // x [m, k] fp32 @ weight [n, k] bf16 .T -> [m, n] fp32
+  m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
+  // x [m, k] fp32 @ (weight [n, k] int8 * scale [n, k / 32], per group of 32 inputs).T -> [m, n]
+  m.def("linear_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fusionlm, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_int8", &linear_int8);
+}

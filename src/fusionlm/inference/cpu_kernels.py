@@ -1,0 +1,69 @@
+"""Matrix-vector products for CPU decoding that PyTorch lacks, as ``torch.ops.fusionlm`` ops.
+
+Decoding multiplies one activation row per sequence by every weight matrix, so its speed is
+the speed of streaming the weights. PyTorch has no fast path on AVX2 CPUs for weights
+stored in bf16 (or in int8 with group scales) times fp32 activations, the combinations
+that keep a model's outputs close to fp32. ``cpu_kernels.cpp`` has them: one pass over the
+weights, converted in registers, accumulated in fp32:
+
+- ``torch.ops.fusionlm.linear_bf16(x [m, k] fp32, weight [n, k] bf16) -> [m, n] fp32``
+- ``torch.ops.fusionlm.linear_int8(x, weight [n, k] int8, scale [n, k / 32] fp32)``
+
+They are registered with PyTorch's dispatcher in C++, so a compiled decode step calls them
+without going through Python. ``load_kernels`` compiles them the first time (about 40 s,
+with the C++ compiler inductor also needs; ``torch.utils.cpp_extension`` caches the build
+under ``TORCH_EXTENSIONS_DIR``).
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+INT8_GROUP_SIZE = 32
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+
+
+@functools.cache
+def load_kernels() -> bool:
+    """Build (or load the cached build of) the kernels; False, after a warning, if they
+    cannot be built here (callers then compute with PyTorch ops, more slowly)."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(
+            name="fusionlm_cpu_kernels",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native"],
+            is_python_module=False,
+        )
+    except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
+        warnings.warn(
+            f"fusionlm's CPU kernels could not be built ({error}); bf16 and int8 linears fall "
+            "back to slower PyTorch ops. Install a C++ compiler (g++) to get them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    torch.library.register_fake("fusionlm::linear_bf16")(_output_like)
+    torch.library.register_fake("fusionlm::linear_int8")(_output_like)
+    return True
+
+
+def _output_like(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """The ops' output for tracing: ``[m, n]`` fp32."""
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def dequantize_int8(weight: Tensor, scale: Tensor) -> Tensor:
+    """int8 ``[n, k]`` times one scale per group of 32 inputs ``[n, k / 32]`` -> fp32 ``[n, k]``."""
+    groups = weight.view(weight.shape[0], -1, INT8_GROUP_SIZE).float() * scale[..., None]
+    return groups.view(weight.shape)
+
+
+__all__ = ["INT8_GROUP_SIZE", "dequantize_int8", "load_kernels"]
