@@ -137,7 +137,7 @@ at::Tensor linear_bf16(const at::Tensor& input, const at::Tensor& weight) {
 }
 
 at::Tensor linear_int8(const at::Tensor& input, const at::Tensor& weight,
-                          const at::Tensor& scale) {
+                       const at::Tensor& scale) {
   const auto x = input.contiguous();
   check_input(x, weight);
   const int64_t k = x.size(1);
