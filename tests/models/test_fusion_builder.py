@@ -4,50 +4,32 @@ alone, bad input is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import torch
 
 import fusionlm
-from fusionlm import LlamaConfig, llama
+from fusionlm import llama
 from fusionlm.generation import SamplingParams, generate_tokens
 from fusionlm.models.fusion import fuse_decoder, image_inputs, vit_image_inputs
-from fusionlm.models.vision import vision_transformer
 from fusionlm.modules.fusion import DeepFusionModel, FusionLayer, get_fusion_params
 from fusionlm.modules.layers import TanhGate
 from tests.conftest import randomize_
+from tests.modules import test_fusion as fusion_test
 
-VOCAB, DIM, SIZE = 96, 64, 16
-TOKENS_PER_IMAGE = (SIZE // 4) ** 2 + 1
-CONFIG = LlamaConfig(
-    vocab_size=VOCAB,
-    hidden_size=DIM,
-    intermediate_size=112,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=64,
-)
+VOCAB, DIM, SIZE = fusion_test.VOCAB, fusion_test.DIM, 16
+CONFIG = dataclasses.replace(fusion_test.CONFIG, num_hidden_layers=4)
+TOKENS_PER_IMAGE = fusion_test.TOKENS_PER_IMAGE
 
 
 def plain_decoder() -> fusionlm.TransformerDecoder:
-    decoder = llama(CONFIG)
-    randomize_(decoder, seed=1)
-    return decoder.eval()
+    return fusion_test.plain_decoder(num_hidden_layers=CONFIG.num_hidden_layers)
 
 
 def encoder() -> torch.nn.Module:
-    return vision_transformer(
-        image_size=SIZE,
-        patch_size=4,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        out_dim=DIM,
-    )
+    return fusion_test.encoder(hidden_layers=())
 
 
 @pytest.fixture(scope="module")

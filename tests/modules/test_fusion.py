@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -79,7 +81,8 @@ def fuse(decoder: TransformerDecoder, *, at: tuple[int, ...] = (1,)) -> Transfor
     )
 
 
-def encoder() -> nn.Module:
+def encoder(*, hidden_layers: tuple[int, ...] = (0,)) -> nn.Module:
+    """A tiny ViT: 16x16 images, ``TOKENS_PER_IMAGE`` tokens of width ``DIM`` each."""
     return vision_transformer(
         image_size=16,
         patch_size=4,
@@ -88,12 +91,13 @@ def encoder() -> nn.Module:
         num_heads=4,
         intermediate_size=64,
         out_dim=DIM,
-        hidden_layers=[0],
+        hidden_layers=hidden_layers,
     )
 
 
-def plain_decoder() -> TransformerDecoder:
-    model = llama(CONFIG)
+def plain_decoder(*, num_hidden_layers: int = CONFIG.num_hidden_layers) -> TransformerDecoder:
+    """A random llama of ``CONFIG``'s shape."""
+    model = llama(dataclasses.replace(CONFIG, num_hidden_layers=num_hidden_layers))
     randomize_(model)
     return model.eval()
 
