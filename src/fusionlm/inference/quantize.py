@@ -33,7 +33,8 @@ class WeightOnlyLinear(nn.Module):
     activations entering each linear are rounded to bf16 as well. Up to
     ``MATVEC_MAX_ROWS`` rows run in ``cpu_kernels``' streaming kernels (built when the
     first layer is made; without them, as with more rows, the product is one fp32 GEMM on
-    the dequantized weight). The output has the input's dtype.
+    the dequantized weight). The output has the input's dtype. For inference: the weight is
+    a buffer, and the kernels have no backward.
 
     Args:
         weight: bf16 or int8 ``[out, in]``.
