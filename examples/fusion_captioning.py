@@ -56,6 +56,8 @@ POSITIONS = {
     "top": "at the top",
     "bottom": "at the bottom",
 }
+# Every attribute a caption names, with its possible values.
+ATTRIBUTES = {"shape": list(SHAPES), "colour": list(COLOURS), "position": list(POSITIONS)}
 BACKGROUND = 0.5
 # One encoder token per 4x4 patch: a shape (16 to 21 pixels across) spans four or five.
 PATCH_SIZE = 4
@@ -285,9 +287,6 @@ def optimise(
     return losses
 
 
-ATTRIBUTES = {"shape": list(SHAPES), "colour": list(COLOURS), "position": list(POSITIONS)}
-
-
 def pretrain_encoder(
     encoder: ShapeEncoder,
     *,
@@ -377,7 +376,13 @@ def parse(caption: str) -> dict[str, str | None]:
     def first(options) -> str | None:
         return next((w for w in words if w in options), None)
 
-    return {"shape": first(SHAPES), "colour": first(COLOURS), "position": first(POSITIONS)}
+    return {key: first(values) for key, values in ATTRIBUTES.items()}
+
+
+def attribute_hits(example: Example, caption: str) -> dict[str, bool]:
+    """For each attribute, whether ``caption`` names the example's."""
+    found = parse(caption)
+    return {key: found[key] == getattr(example, key) for key in ATTRIBUTES}
 
 
 def evaluate(
@@ -404,15 +409,14 @@ def evaluate(
             stop_tokens=tokenizer.stop_ids,
         )
         captions += [tokenizer.decode(ids).strip() for ids in new]
-    right = {"shape": 0, "colour": 0, "position": 0, "all three": 0}
+    right = dict.fromkeys([*ATTRIBUTES, "all three"], 0)
     for example, caption in zip(examples, captions, strict=True):
-        found = parse(caption)
-        hits = [found[k] == getattr(example, k) for k in ("shape", "colour", "position")]
-        for key, hit in zip(("shape", "colour", "position"), hits, strict=True):
+        hits = attribute_hits(example, caption)
+        for key, hit in hits.items():
             right[key] += hit
-        right["all three"] += all(hits)
+        right["all three"] += all(hits.values())
     accuracy = {k: v / count for k, v in right.items()}
-    accuracy["attributes (mean)"] = sum(accuracy[k] for k in ("shape", "colour", "position")) / 3
+    accuracy["attributes (mean)"] = sum(accuracy[k] for k in ATTRIBUTES) / len(ATTRIBUTES)
     return accuracy, list(zip(examples, captions, strict=True))
 
 
@@ -430,8 +434,7 @@ def save_grid(results: list[tuple[Example, str]], path: str, *, columns: int = 6
         x, y = (i % columns) * cell, (i // columns) * (cell + text_height)
         picture = to_pil(example.image).resize((cell - 8, cell - 8), Image.Resampling.NEAREST)
         grid.paste(picture, (x + 4, y + 4))
-        found = parse(caption)
-        ok = all(found[k] == getattr(example, k) for k in ("shape", "colour", "position"))
+        ok = all(attribute_hits(example, caption).values())
         words = caption.split()
         lines = [" ".join(words[:3]), " ".join(words[3:])]
         for j, line in enumerate(lines):
