@@ -60,10 +60,4 @@ def _output_like(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tens
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def dequantize_int8(weight: Tensor, scale: Tensor) -> Tensor:
-    """int8 ``[n, k]`` times one scale per group of 32 inputs ``[n, k / 32]`` -> fp32 ``[n, k]``."""
-    groups = weight.view(weight.shape[0], -1, INT8_GROUP_SIZE).float() * scale[..., None]
-    return groups.view(weight.shape)
-
-
-__all__ = ["INT8_GROUP_SIZE", "dequantize_int8", "load_kernels"]
+__all__ = ["INT8_GROUP_SIZE", "load_kernels"]

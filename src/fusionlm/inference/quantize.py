@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, dequantize_int8, load_kernels
+from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, load_kernels
 from fusionlm.modules.decoder import TiedLinear
 
 WEIGHT_FORMATS = ("bf16", "int8")
@@ -98,7 +98,8 @@ class WeightOnlyLinear(nn.Module):
         """The fp32 weight ``[out, in]`` this layer computes with."""
         if self.scale is None:
             return self.weight.float()
-        return dequantize_int8(self.weight, self.scale)
+        groups = self.weight.view(self.out_features, -1, INT8_GROUP_SIZE).float()
+        return (groups * self.scale[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in] -> [..., out]``."""
