@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fusionlm import generation
+from fusionlm.inference import decode_step
 
 BASE_CONFIG: dict[str, Any] = {
     "vocab_size": 96,
@@ -65,5 +65,5 @@ def eager_decoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     ``compiled``: compiling a graph for every tiny model would dominate the suite's time."""
     if "compiled" not in request.keywords:
         monkeypatch.setattr(
-            generation, "_compiled_forward_step", lambda **options: generation._forward_step
+            decode_step, "compiled_forward_step", lambda **options: decode_step.forward_step
         )

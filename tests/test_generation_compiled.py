@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fusionlm
-from fusionlm import generation
 from fusionlm.generation import generate
+from fusionlm.inference import decode_step
 from fusionlm.inference.quantize import quantize
 from tests.modules.test_decoder import tiny
 
@@ -33,7 +33,7 @@ def step_logits(model, prompt: list[int], continuation: list[int], *, compile: b
     try:
         with torch.inference_mode():
             model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
-            step = generation.DecodeStep(model, compile=compile)
+            step = decode_step.DecodeStep(model, compile=compile)
             return torch.cat(
                 [
                     step(
@@ -82,7 +82,7 @@ def test_a_compiler_failure_falls_back_to_eager(monkeypatch):
             "inductor", RuntimeError("no C++ compiler"), None
         )
 
-    monkeypatch.setattr(generation, "_compiled_forward_step", lambda **options: fail)
+    monkeypatch.setattr(decode_step, "compiled_forward_step", lambda **options: fail)
     with pytest.warns(RuntimeWarning, match="(?s)decoding eagerly.*no C\\+\\+ compiler"):
         tokens = generate(model, PROMPTS, max_new_tokens=8)
     assert tokens == generate(model, PROMPTS, max_new_tokens=8, compile=False)

@@ -8,7 +8,7 @@ silently.
 
 The fast path, on by default (``compile=True``): the prompt runs eagerly (one large
 forward, already efficient), and each decode step runs as one graph compiled by ``torch.compile``
-over a fixed-shape cache (``KVCache(fixed_shape=True)``), whose length is rounded up to a
+(``fusionlm.inference.decode_step``) over a fixed-shape cache (``KVCache(fixed_shape=True)``), whose length is rounded up to a
 multiple of ``CACHE_LENGTH_MULTIPLE`` so that nearby prompt lengths reuse one graph.
 Compiling takes a while once per model, batch size and cache length (inductor keeps the
 result in its on-disk cache for the next process); without a C++ compiler the loop warns
@@ -18,16 +18,15 @@ and stays eager. The math is the same either way: the tests hold the greedy toke
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from fusionlm.inference.decode_step import DecodeStep
 from fusionlm.modules import masks
 from fusionlm.modules.decoder import TransformerDecoder
 
@@ -276,72 +275,6 @@ def generate_tokens(
 def _cache_length(total: int, max_seq_len: int) -> int:
     """``total`` rounded up to a multiple of ``CACHE_LENGTH_MULTIPLE``, within the context."""
     return min(max_seq_len, math.ceil(total / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE)
-
-
-def _forward_step(
-    model: TransformerDecoder,
-    tokens: Tensor,
-    *,
-    mask: Tensor | None,
-    encoder_mask: Tensor | None,
-    input_pos: Tensor,
-) -> Tensor:
-    """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
-    return model(tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos)[:, -1]
-
-
-@functools.cache
-def _compiled_forward_step(*, decompose_matvecs: bool) -> Callable[..., Tensor]:
-    """``_forward_step`` compiled by inductor, made on first use (importing torch's compiler
-    stack takes seconds). One function for every model: dynamo keeps a graph per model, batch
-    size and cache length, up to ``torch._dynamo.config.recompile_limit`` of them.
-
-    ``decompose_matvecs`` turns on inductor's ``decompose_mm_pass``: each single-row matmul (a
-    batch-1 decode step; both matrix sides up to 2048) becomes a multiply-and-sum kernel of
-    its own, fused with its neighbours, instead of a BLAS call. Measured on the default
-    model: fp32 decoding 1.35x faster, bf16 slower (its BLAS kernel wins), so fp32 only.
-    """
-    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if decompose_matvecs else {}
-    return torch.compile(_forward_step, dynamic=False, options=options)
-
-
-class DecodeStep:
-    """One decode step of ``model``, compiled by inductor (``compile=True``) or eager.
-
-    If inductor cannot build the graph (typically: no C++ compiler), it warns once and
-    decodes eagerly from then on; nothing has run yet when compilation fails.
-    """
-
-    def __init__(self, model: TransformerDecoder, *, compile: bool) -> None:
-        self.model = model
-        self.compiled = compile
-        self.fp32 = model.tok_embeddings.weight.dtype == torch.float32
-
-    def __call__(
-        self,
-        tokens: Tensor,
-        *,
-        mask: Tensor | None,
-        encoder_mask: Tensor | None,
-        input_pos: Tensor,
-    ) -> Tensor:
-        """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
-        if self.compiled:
-            try:
-                return _compiled_forward_step(decompose_matvecs=self.fp32)(
-                    self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
-                )
-            except torch._dynamo.exc.BackendCompilerFailed as error:
-                warnings.warn(
-                    f"decoding eagerly: torch.compile could not build the decode step ({error}); "
-                    "install a C++ compiler (g++) for the fast path",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.compiled = False
-        return _forward_step(
-            self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
-        )
 
 
 def _check_encoder_input(

@@ -11,7 +11,8 @@ from torch import nn
 from fusionlm.generation import generate
 from fusionlm.inference import cpu_kernels
 from fusionlm.inference import quantize as quantize_module
-from fusionlm.inference.quantize import MATVEC_MAX_ROWS, WeightOnlyLinear, quantize
+from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS
+from fusionlm.inference.quantize import WeightOnlyLinear, quantize
 from fusionlm.modules.decoder import TiedLinear
 from tests.modules.test_decoder import tiny
 

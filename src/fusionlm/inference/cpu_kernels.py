@@ -3,14 +3,16 @@
 Decoding multiplies one activation row per sequence by every weight matrix, so its speed is
 the speed of streaming the weights. PyTorch has no fast path on AVX2 CPUs for weights
 stored in bf16 (or in int8 with group scales) times fp32 activations, the combinations
-that keep a model's outputs close to fp32. ``cpu_kernels.cpp`` has them: one pass over the
-weights, converted in registers, accumulated in fp32:
+that keep a model's outputs close to fp32, and its fp32 GEMM streams a single row at about
+half the memory bandwidth. ``cpu_kernels.cpp`` has them: one pass over the weights,
+converted in registers, accumulated in fp32:
 
+- ``torch.ops.fusionlm.linear_f32(x [m, k] fp32, weight [n, k] fp32) -> [m, n] fp32``
 - ``torch.ops.fusionlm.linear_bf16(x [m, k] fp32, weight [n, k] bf16) -> [m, n] fp32``
 - ``torch.ops.fusionlm.linear_int8(x, weight [n, k] int8, scale [n, k / 32] fp32)``
 
 They are registered with PyTorch's dispatcher in C++, so a compiled decode step calls them
-without going through Python. ``load_kernels`` compiles them the first time (about 40 s,
+without going through Python. ``load_kernels`` compiles them the first time (about 20 s,
 with the C++ compiler inductor also needs; ``torch.utils.cpp_extension`` caches the build
 under ``TORCH_EXTENSIONS_DIR``).
 """
@@ -26,6 +28,10 @@ import torch
 from torch import Tensor
 
 INT8_GROUP_SIZE = 32
+MATVEC_MAX_ROWS = 16
+"""Up to this many rows (decoding) the kernels beat a GEMM; a prompt's rows are one GEMM
+(for bf16 and int8 weights on the dequantized fp32 weight, far faster than bf16 or int8 math
+on CPUs without native bf16)."""
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 
@@ -39,7 +45,9 @@ def load_kernels() -> bool:
         load(
             name="fusionlm_cpu_kernels",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native"],
+            # -fopenmp: without it at::parallel_for compiles to a serial loop.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
@@ -50,6 +58,7 @@ def load_kernels() -> bool:
             stacklevel=2,
         )
         return False
+    torch.library.register_fake("fusionlm::linear_f32")(_output_like)
     torch.library.register_fake("fusionlm::linear_bf16")(_output_like)
     torch.library.register_fake("fusionlm::linear_int8")(_output_like)
     return True
@@ -60,4 +69,4 @@ def _output_like(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tens
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-__all__ = ["INT8_GROUP_SIZE", "load_kernels"]
+__all__ = ["INT8_GROUP_SIZE", "MATVEC_MAX_ROWS", "load_kernels"]

@@ -6,13 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, load_kernels
+from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, MATVEC_MAX_ROWS, load_kernels
 from fusionlm.modules.decoder import TiedLinear
 
 WEIGHT_FORMATS = ("bf16", "int8")
-# Up to this many rows (decoding) the streaming kernels win; a prompt's rows are one GEMM on
-# the dequantized fp32 weight, far faster than bf16 or int8 math on CPUs without native bf16.
-MATVEC_MAX_ROWS = 16
 
 
 def _check_int8_width(in_features: int) -> None:
@@ -147,4 +144,4 @@ def quantize(model: nn.Module, format: str) -> nn.Module:
     return model
 
 
-__all__ = ["MATVEC_MAX_ROWS", "WEIGHT_FORMATS", "WeightOnlyLinear", "quantize"]
+__all__ = ["WEIGHT_FORMATS", "WeightOnlyLinear", "quantize"]
