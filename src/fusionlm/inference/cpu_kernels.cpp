@@ -10,8 +10,10 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -121,78 +123,101 @@ float dot_int8(const float* x, const int8_t* w, const float* scale, int64_t k_si
   return total;
 }
 
-void check_input(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous float32 [m, k] tensor");
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
-              "weight must be a contiguous [n, k] tensor with k = ", x.size(1));
+// x must be [m, k] fp32, and every weight a contiguous [n_i, k] tensor of dtype.
+void check_inputs(const at::Tensor& x, at::TensorList weights, at::ScalarType dtype) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a float32 [m, k] tensor");
+  TORCH_CHECK(!weights.empty(), "give at least one weight");
+  for (const auto& weight : weights) {
+    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
+                "each weight must be a contiguous [n, k] tensor with k = ", x.size(1));
+    TORCH_CHECK(weight.scalar_type() == dtype, "weights must be ", dtype, ", got ",
+                weight.scalar_type());
+  }
 }
 
-// y[m, n] = dot(x[m], n): the product of row m of x with row n of the weight, over the
-// weight's rows in parallel.
+// y_i[m, n] = dot(x[m], i, n): row m of x times row n of weight i, for every weight, as one
+// parallel pass over all the weights' rows (a layer's q, k and v projections share x).
 template <typename Dot>
-at::Tensor matvec(const at::Tensor& x, int64_t n_size, Dot dot) {
+std::vector<at::Tensor> matvecs(const at::Tensor& input, at::TensorList weights, Dot dot) {
+  const auto x = input.contiguous();
   const int64_t m_size = x.size(0), k_size = x.size(1);
-  auto y = at::empty({m_size, n_size}, x.options());
+  std::vector<at::Tensor> outputs;
+  std::vector<float*> out;
+  std::vector<int64_t> first_row{0};  // weight i owns rows [first_row[i], first_row[i + 1])
+  for (const auto& weight : weights) {
+    outputs.push_back(at::empty({m_size, weight.size(0)}, x.options()));
+    out.push_back(outputs.back().data_ptr<float>());
+    first_row.push_back(first_row.back() + weight.size(0));
+  }
   const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, n_size, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t m = 0; m < m_size; ++m) yp[m * n_size + n] = dot(xp + m * k_size, n);
+  at::parallel_for(0, first_row.back(), kGrain, [&](int64_t begin, int64_t end) {
+    size_t i = std::upper_bound(first_row.begin(), first_row.end(), begin) - first_row.begin() - 1;
+    for (int64_t row = begin; row < end; ++row) {
+      if (row == first_row[i + 1]) ++i;
+      const int64_t n = row - first_row[i], n_size = first_row[i + 1] - first_row[i];
+      for (int64_t m = 0; m < m_size; ++m) out[i][m * n_size + n] = dot(xp + m * k_size, i, n);
+    }
   });
-  return y;
+  return outputs;
+}
+
+// Raw data pointers of same-dtype tensors (data_ptr<T> refuses another dtype).
+template <typename T>
+std::vector<const T*> pointers(at::TensorList tensors) {
+  std::vector<const T*> result;
+  for (const auto& t : tensors) result.push_back(t.data_ptr<T>());
+  return result;
 }
 
 }  // namespace
 
-at::Tensor linear_f32(const at::Tensor& input, const at::Tensor& weight) {
-  const auto x = input.contiguous();
-  check_input(x, weight);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, "weight must be float32");
-  const float* w = weight.data_ptr<float>();
-  const int64_t k = x.size(1);
-  return matvec(x, weight.size(0), [=](const float* row, int64_t n) {
-    return dot_f32(row, w + n * k, k);
+std::vector<at::Tensor> linear_f32(const at::Tensor& x, at::TensorList weights) {
+  const int64_t k = x.size(-1);
+  check_inputs(x, weights, at::kFloat);
+  const auto w = pointers<float>(weights);
+  return matvecs(x, weights, [&](const float* row, size_t i, int64_t n) {
+    return dot_f32(row, w[i] + n * k, k);
   });
 }
 
-at::Tensor linear_bf16(const at::Tensor& input, const at::Tensor& weight) {
-  const auto x = input.contiguous();
-  check_input(x, weight);
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weight must be bfloat16");
-  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const int64_t k = x.size(1);
-  return matvec(x, weight.size(0), [=](const float* row, int64_t n) {
-    return dot_bf16(row, w + n * k, k);
+std::vector<at::Tensor> linear_bf16(const at::Tensor& x, at::TensorList weights) {
+  const int64_t k = x.size(-1);
+  check_inputs(x, weights, at::kBFloat16);
+  const auto w = pointers<at::BFloat16>(weights);
+  return matvecs(x, weights, [&](const float* row, size_t i, int64_t n) {
+    return dot_bf16(row, reinterpret_cast<const uint16_t*>(w[i] + n * k), k);
   });
 }
 
-at::Tensor linear_int8(const at::Tensor& input, const at::Tensor& weight,
-                       const at::Tensor& scale) {
-  const auto x = input.contiguous();
-  check_input(x, weight);
-  const int64_t k = x.size(1);
-  TORCH_CHECK(weight.scalar_type() == at::kChar, "weight must be int8");
+std::vector<at::Tensor> linear_int8(const at::Tensor& x, at::TensorList weights,
+                                    at::TensorList scales) {
+  check_inputs(x, weights, at::kChar);
+  const int64_t k = x.size(-1);
   TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.dim() == 2 && scale.size(0) == weight.size(0) &&
-                  scale.size(1) == k / kGroup,
-              "scale must be a contiguous float32 [n, k / ", kGroup, "] tensor");
-  const int8_t* w = weight.data_ptr<int8_t>();
-  const float* s = scale.data_ptr<float>();
-  return matvec(x, weight.size(0), [=](const float* row, int64_t n) {
-    return dot_int8(row, w + n * k, s + n * (k / kGroup), k);
+  TORCH_CHECK(scales.size() == weights.size(), "give one scale per weight");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& scale = scales[i];
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                    scale.dim() == 2 && scale.size(0) == weights[i].size(0) &&
+                    scale.size(1) == k / kGroup,
+                "each scale must be a contiguous float32 [n, k / ", kGroup, "] tensor");
+  }
+  const auto w = pointers<int8_t>(weights);
+  const auto s = pointers<float>(scales);
+  return matvecs(x, weights, [&](const float* row, size_t i, int64_t n) {
+    return dot_int8(row, w[i] + n * k, s[i] + n * (k / kGroup), k);
   });
 }
 
 // Registered with PyTorch's dispatcher, so compiled graphs call them without Python.
 TORCH_LIBRARY(fusionlm, m) {
-  // x [m, k] fp32 @ weight [n, k] fp32 .T -> [m, n] fp32
-  m.def("linear_f32(Tensor x, Tensor weight) -> Tensor");
-  // x [m, k] fp32 @ weight [n, k] bf16 .T -> [m, n] fp32
-  m.def("linear_bf16(Tensor x, Tensor weight) -> Tensor");
-  // x [m, k] fp32 @ (weight [n, k] int8 * scale [n, k / 32], per group of 32 inputs).T -> [m, n]
-  m.def("linear_int8(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  // x [m, k] fp32 @ weights[i] [n_i, k] fp32 .T -> [m, n_i] fp32, for each i
+  m.def("linear_f32(Tensor x, Tensor[] weights) -> Tensor[]");
+  // x [m, k] fp32 @ weights[i] [n_i, k] bf16 .T -> [m, n_i] fp32
+  m.def("linear_bf16(Tensor x, Tensor[] weights) -> Tensor[]");
+  // x [m, k] fp32 @ (weights[i] [n_i, k] int8 * scales[i] [n_i, k / 32], per group of 32
+  // inputs).T -> [m, n_i] fp32
+  m.def("linear_int8(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fusionlm, CPU, m) {

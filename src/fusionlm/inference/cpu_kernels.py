@@ -7,9 +7,12 @@ that keep a model's outputs close to fp32, and its fp32 GEMM streams a single ro
 half the memory bandwidth. ``cpu_kernels.cpp`` has them: one pass over the weights,
 converted in registers, accumulated in fp32:
 
-- ``torch.ops.fusionlm.linear_f32(x [m, k] fp32, weight [n, k] fp32) -> [m, n] fp32``
-- ``torch.ops.fusionlm.linear_bf16(x [m, k] fp32, weight [n, k] bf16) -> [m, n] fp32``
-- ``torch.ops.fusionlm.linear_int8(x, weight [n, k] int8, scale [n, k / 32] fp32)``
+- ``torch.ops.fusionlm.linear_f32(x [m, k] fp32, weights: [n_i, k] fp32) -> [m, n_i] fp32``
+- ``torch.ops.fusionlm.linear_bf16(x [m, k] fp32, weights: [n_i, k] bf16) -> [m, n_i] fp32``
+- ``torch.ops.fusionlm.linear_int8(x, weights: [n_i, k] int8, scales: [n_i, k / 32] fp32)``
+
+Each takes a list of weights that share the input (a layer's q, k and v projections) and
+returns one output per weight, computed in one parallel pass over all their rows.
 
 They are registered with PyTorch's dispatcher in C++, so a compiled decode step calls them
 without going through Python. ``load_kernels`` compiles them the first time (about 20 s,
@@ -58,15 +61,17 @@ def load_kernels() -> bool:
             stacklevel=2,
         )
         return False
-    torch.library.register_fake("fusionlm::linear_f32")(_output_like)
-    torch.library.register_fake("fusionlm::linear_bf16")(_output_like)
-    torch.library.register_fake("fusionlm::linear_int8")(_output_like)
+    torch.library.register_fake("fusionlm::linear_f32")(_outputs_like)
+    torch.library.register_fake("fusionlm::linear_bf16")(_outputs_like)
+    torch.library.register_fake("fusionlm::linear_int8")(_outputs_like)
     return True
 
 
-def _output_like(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """The ops' output for tracing: ``[m, n]`` fp32."""
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _outputs_like(
+    x: Tensor, weights: list[Tensor], scales: list[Tensor] | None = None
+) -> list[Tensor]:
+    """The ops' outputs for tracing: ``[m, n_i]`` fp32 per weight."""
+    return [x.new_empty(x.shape[0], weight.shape[0]) for weight in weights]
 
 
 __all__ = ["INT8_GROUP_SIZE", "MATVEC_MAX_ROWS", "load_kernels"]

@@ -6,8 +6,9 @@ At batch 1 the step is bound by streaming the weights and by per-step overhead; 
 compile settings here were each measured on the default model (see the issue notes):
 
 - fp32 matmuls with at most ``MATVEC_MAX_ROWS`` rows become ``fusionlm::linear_f32``, the
-  streaming kernel of ``cpu_kernels`` (``StreamingMatvecs``, a post-grad graph pass);
-  weight-only bf16 and int8 layers call their kernels themselves.
+  streaming kernel of ``cpu_kernels`` (weight-only bf16 and int8 layers call theirs
+  themselves), and kernel calls that share an input become one call
+  (``StreamingMatvecs``, a post-grad graph pass);
 - no size and stride asserts in inductor's wrapper (hundreds of Python calls a step);
 - dynamo checks the model's modules by their dict version tags instead of re-running
   every guard on every attribute of every module, each step.
@@ -16,6 +17,7 @@ compile settings here were each measured on the default model (see the issue not
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -43,39 +45,95 @@ def forward_step(
 
 
 def streaming_matvecs() -> CustomGraphPass:
-    """The graph pass that sends small fp32 matmuls to ``fusionlm::linear_f32`` (made on
-    first use: importing inductor takes seconds)."""
+    """The graph pass that sends a decode step's matvecs to ``cpu_kernels``, fewest calls
+    first (made on first use: importing inductor takes seconds)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    aten, fusionlm = torch.ops.aten, torch.ops.fusionlm
+    matvec_ops = (
+        fusionlm.linear_f32.default,
+        fusionlm.linear_bf16.default,
+        fusionlm.linear_int8.default,
+    )
+    view_ops = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+    def same_input(x: torch.fx.Node) -> object:
+        """What a matvec's input is, up to a fresh view of the same tensor."""
+        if x.target in view_ops:
+            return (x.args[0], tuple(x.args[1]))
+        return x
 
     class StreamingMatvecs(CustomGraphPass):
-        """``mm(x [m, k], permute(w [n, k], [1, 0]))`` with ``m <= MATVEC_MAX_ROWS``, both
-        fp32 -> ``fusionlm::linear_f32(x, w)``: one pass over ``w`` at about twice the
-        bandwidth of the BLAS call (the lm_head of the default model: 12 vs 9 GB/s)."""
+        """Two rewrites of the post-grad graph:
+
+        1. ``mm(x [m, k], permute(w [n, k], [1, 0]))`` with ``m <= MATVEC_MAX_ROWS``, both
+           fp32 -> ``fusionlm::linear_f32(x, [w])``: one pass over ``w`` at about twice the
+           bandwidth of the BLAS call (the lm_head of the default model: 24 vs 12 GB/s).
+        2. Calls of one kernel on the same input (a layer's q, k and v projections; its gate
+           and up projections) -> one call with all their weights: fewer calls, thread
+           wake-ups and Python lines per step.
+        """
 
         def __call__(self, graph: torch.fx.Graph) -> None:
-            aten = torch.ops.aten
             for node in list(graph.find_nodes(op="call_function", target=aten.mm.default)):
-                x, transposed = node.args
-                if not (
-                    isinstance(transposed, torch.fx.Node)
-                    and transposed.target is aten.permute.default
-                    and list(transposed.args[1]) == [1, 0]
+                self.stream_fp32_matmul(graph, node)
+            groups: dict[tuple, list[torch.fx.Node]] = {}
+            for node in graph.nodes:
+                if node.target in matvec_ops and all(
+                    reader.target is operator.getitem for reader in node.users
                 ):
-                    continue
-                weight = transposed.args[0]
-                x_val, w_val = x.meta["val"], weight.meta["val"]
-                if (
-                    x_val.dtype != torch.float32
-                    or w_val.dtype != torch.float32
-                    or x_val.shape[0] > MATVEC_MAX_ROWS
-                    or not w_val.is_contiguous()
-                ):
-                    continue
-                with graph.inserting_before(node):
-                    matvec = graph.call_function(torch.ops.fusionlm.linear_f32.default, (x, weight))
-                matvec.meta.update(node.meta)
-                node.replace_all_uses_with(matvec)
-                graph.erase_node(node)
+                    groups.setdefault((node.target, same_input(node.args[0])), []).append(node)
+            for calls in groups.values():
+                if len(calls) > 1:
+                    self.merge(graph, calls)
+            stable_topological_sort(graph)  # a merged call may read weights defined after it
+
+        @staticmethod
+        def stream_fp32_matmul(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+            x, transposed = node.args
+            if not (
+                isinstance(transposed, torch.fx.Node)
+                and transposed.target is aten.permute.default
+                and list(transposed.args[1]) == [1, 0]
+            ):
+                return
+            weight = transposed.args[0]
+            x_val, w_val = x.meta["val"], weight.meta["val"]
+            if (
+                x_val.dtype != torch.float32
+                or w_val.dtype != torch.float32
+                or x_val.shape[0] > MATVEC_MAX_ROWS
+                or not w_val.is_contiguous()
+            ):
+                return
+            with graph.inserting_before(node):
+                matvec = graph.call_function(fusionlm.linear_f32.default, (x, [weight]))
+                matvec.meta["val"] = [node.meta["val"]]
+                output = graph.call_function(operator.getitem, (matvec, 0))
+            output.meta.update(node.meta)
+            node.replace_all_uses_with(output)
+            graph.erase_node(node)
+
+        @staticmethod
+        def merge(graph: torch.fx.Graph, calls: list[torch.fx.Node]) -> None:
+            """One call in place of ``calls`` (same kernel, same input, in graph order); the
+            outputs' readers (``getitem``) read the merged call's outputs instead."""
+            first = calls[0]
+            # Per list argument (weights; scales for int8), every call's list, concatenated.
+            lists = [
+                [tensor for call in calls for tensor in call.args[position]]
+                for position in range(1, len(first.args))
+            ]
+            with graph.inserting_before(first):
+                merged = graph.call_function(first.target, (first.args[0], *lists))
+            merged.meta["val"] = [val for call in calls for val in call.meta["val"]]
+            offset = 0
+            for call in calls:
+                for reader in list(call.users):
+                    reader.args = (merged, offset + reader.args[1])
+                offset += len(call.args[1])
+                graph.erase_node(call)
 
         def uuid(self) -> bytes:
             return get_hash_for_files((__file__,))
@@ -84,15 +142,15 @@ def streaming_matvecs() -> CustomGraphPass:
 
 
 @functools.cache
-def compiled_forward_step(*, fp32_matvecs: bool) -> Callable[..., Tensor]:
+def compiled_forward_step(*, streaming_matvecs_pass: bool) -> Callable[..., Tensor]:
     """``forward_step`` compiled by inductor with the settings of the module doc. One
     function for every model: dynamo keeps a graph per model, batch size and cache length,
     up to ``torch._dynamo.config.recompile_limit`` of them.
 
-    ``fp32_matvecs`` adds ``StreamingMatvecs`` (for fp32 models, when the kernels built).
+    ``streaming_matvecs_pass`` adds ``StreamingMatvecs`` (when the kernels built).
     """
     options: dict[str, object] = {"size_asserts": False}
-    if fp32_matvecs:
+    if streaming_matvecs_pass:
         options["post_grad_custom_post_pass"] = streaming_matvecs()
     compiled = torch.compile(forward_step, dynamic=False, options=options)
     return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)(compiled)
@@ -108,9 +166,7 @@ class DecodeStep:
     def __init__(self, model: TransformerDecoder, *, compile: bool) -> None:
         self.model = model
         self.compiled = compile
-        self.fp32_matvecs = (
-            compile and model.tok_embeddings.weight.dtype == torch.float32 and load_kernels()
-        )
+        self.streaming = compile and load_kernels()
 
     def __call__(
         self,
@@ -123,7 +179,7 @@ class DecodeStep:
         """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
         if self.compiled:
             try:
-                return compiled_forward_step(fp32_matvecs=self.fp32_matvecs)(
+                return compiled_forward_step(streaming_matvecs_pass=self.streaming)(
                     self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
                 )
             except torch._dynamo.exc.BackendCompilerFailed as error:

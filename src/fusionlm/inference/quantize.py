@@ -104,9 +104,9 @@ class WeightOnlyLinear(nn.Module):
         if flat.shape[0] > MATVEC_MAX_ROWS or not self.streaming:
             y = F.linear(flat, self.dequantize())
         elif self.scale is None:
-            y = torch.ops.fusionlm.linear_bf16(flat, self.weight)
+            (y,) = torch.ops.fusionlm.linear_bf16(flat, [self.weight])
         else:
-            y = torch.ops.fusionlm.linear_int8(flat, self.weight, self.scale)
+            (y,) = torch.ops.fusionlm.linear_int8(flat, [self.weight], [self.scale])
         y = y.view(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
