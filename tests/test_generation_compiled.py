@@ -74,6 +74,20 @@ def test_nearby_prompt_lengths_reuse_one_graph():
     assert graphs_compiled() == compiled
 
 
+def test_weights_of_a_new_layout_get_their_own_graph():
+    """The compiled step skips dynamo's per-step check of each weight's shape and strides;
+    the layout hash taken per generate call must catch a weight stored differently."""
+    model = tiny(max_position_embeddings=512)
+    generate(model, PROMPTS, max_new_tokens=4)
+    compiled = graphs_compiled()
+    up = model.layers[0].mlp.w1
+    up.weight = torch.nn.Parameter(up.weight.detach().t().contiguous().t())  # same values
+    assert generate(model, PROMPTS, max_new_tokens=12) == generate(
+        model, PROMPTS, max_new_tokens=12, compile=False
+    )
+    assert graphs_compiled() > compiled
+
+
 def test_a_compiler_failure_falls_back_to_eager(monkeypatch):
     model = tiny()
 

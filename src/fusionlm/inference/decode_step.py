@@ -11,19 +11,23 @@ compile settings here were each measured on the default model (see the issue not
   (``StreamingMatvecs``, a post-grad graph pass);
 - no size and stride asserts in inductor's wrapper (hundreds of Python calls a step);
 - dynamo checks the model's modules by their dict version tags instead of re-running
-  every guard on every attribute of every module, each step.
+  every guard on every attribute of every module, each step, and skips its per-step check
+  of each weight's shape and dtype: ``tensor_layout`` hashes them once per ``DecodeStep``,
+  and each layout has its own graphs.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
+import types
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS, load_kernels
 from fusionlm.modules.decoder import TransformerDecoder
@@ -141,18 +145,44 @@ def streaming_matvecs() -> CustomGraphPass:
     return StreamingMatvecs()
 
 
-@functools.cache
-def compiled_forward_step(*, streaming_matvecs_pass: bool) -> Callable[..., Tensor]:
-    """``forward_step`` compiled by inductor with the settings of the module doc. One
-    function for every model: dynamo keeps a graph per model, batch size and cache length,
-    up to ``torch._dynamo.config.recompile_limit`` of them.
+def tensor_layout(model: nn.Module) -> int:
+    """A hash of the name, shape, strides, dtype, device and ``requires_grad`` of every
+    parameter and buffer of ``model`` (its KV caches included)."""
+    return hash(
+        tuple(
+            (name, tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
+            for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+        )
+    )
 
+
+def _checked_by_layout(guard_entries: list) -> list[bool]:
+    """dynamo's guards minus the metadata checks of each parameter and buffer (``False`` =
+    skip), which ``tensor_layout`` makes once per graph instead of on every step."""
+    return [
+        not (
+            entry.guard_type == "TENSOR_MATCH"
+            and ("._parameters[" in entry.name or "._buffers[" in entry.name)
+        )
+        for entry in guard_entries
+    ]
+
+
+@functools.cache
+def compiled_forward_step(*, streaming_matvecs_pass: bool, layout: int) -> Callable[..., Tensor]:
+    """``forward_step`` compiled by inductor with the settings of the module doc, for the
+    models whose ``tensor_layout`` is ``layout``: dynamo keeps a graph per batch size and
+    cache length, up to ``torch._dynamo.config.recompile_limit`` of them.
+
+    Each layout gets a copy of ``forward_step`` with its own code object (dynamo keeps its
+    graphs per code object), so a graph never runs on weights of another shape.
     ``streaming_matvecs_pass`` adds ``StreamingMatvecs`` (when the kernels built).
     """
-    options: dict[str, object] = {"size_asserts": False}
+    options: dict[str, object] = {"size_asserts": False, "guard_filter_fn": _checked_by_layout}
     if streaming_matvecs_pass:
         options["post_grad_custom_post_pass"] = streaming_matvecs()
-    compiled = torch.compile(forward_step, dynamic=False, options=options)
+    step = types.FunctionType(forward_step.__code__.replace(), forward_step.__globals__)
+    compiled = torch.compile(step, dynamic=False, options=options)
     return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)(compiled)
 
 
@@ -167,6 +197,7 @@ class DecodeStep:
         self.model = model
         self.compiled = compile
         self.streaming = compile and load_kernels()
+        self.layout = tensor_layout(model) if compile else 0
 
     def __call__(
         self,
@@ -179,9 +210,9 @@ class DecodeStep:
         """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
         if self.compiled:
             try:
-                return compiled_forward_step(streaming_matvecs_pass=self.streaming)(
-                    self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
-                )
+                return compiled_forward_step(
+                    streaming_matvecs_pass=self.streaming, layout=self.layout
+                )(self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos)
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 warnings.warn(
                     f"decoding eagerly: torch.compile could not build the decode step ({error}); "
