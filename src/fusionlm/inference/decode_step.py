@@ -171,12 +171,13 @@ def _checked_by_layout(guard_entries: list) -> list[bool]:
 @functools.cache
 def compiled_forward_step(*, streaming_matvecs_pass: bool, layout: int) -> Callable[..., Tensor]:
     """``forward_step`` compiled by inductor with the settings of the module doc, for the
-    models whose ``tensor_layout`` is ``layout``: dynamo keeps a graph per batch size and
-    cache length, up to ``torch._dynamo.config.recompile_limit`` of them.
+    models whose ``tensor_layout`` is ``layout``.
 
     Each layout gets a copy of ``forward_step`` with its own code object (dynamo keeps its
-    graphs per code object), so a graph never runs on weights of another shape.
-    ``streaming_matvecs_pass`` adds ``StreamingMatvecs`` (when the kernels built).
+    graphs per code object), so a graph never runs on weights of another shape. The layout
+    covers the KV caches, so a batch size or cache length also gets its own copy; nearby
+    prompt lengths share one (``generation.CACHE_LENGTH_MULTIPLE``). ``streaming_matvecs_pass``
+    adds ``StreamingMatvecs`` (when the kernels built).
     """
     options: dict[str, object] = {"size_asserts": False, "guard_filter_fn": _checked_by_layout}
     if streaming_matvecs_pass:
