@@ -322,7 +322,11 @@ class MultiHeadAttention(nn.Module):
             k, v = self._project_kv(y, input_pos=input_pos)
             if self.kv_cache is not None and self.cache_enabled:
                 k, v = self.kv_cache.update(k, v)
-                if self.kv_cache.fixed_shape:
+                if self.kv_cache.fixed_shape and s > 1 and not torch.compiler.is_compiling():
+                    # A prompt, run eagerly: attend over the filled slots alone, with the
+                    # causal kernel instead of a mask over the whole cache (~10% faster).
+                    k, v = self.kv_cache.filled()
+                elif self.kv_cache.fixed_shape:
                     mask = self._only_filled_slots(mask, b=b, q_len=s)
         if self.kv_head_of_query is not None:
             k = k.index_select(1, self.kv_head_of_query)
