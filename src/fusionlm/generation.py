@@ -7,9 +7,10 @@ context: a ``ValueError`` before any work, naming both numbers; nothing is trunc
 silently.
 
 The fast path, on by default (``compile=True``): the prompt runs eagerly (one large
-forward, already efficient), and each decode step runs as one graph compiled by ``torch.compile``
-(``fusionlm.inference.decode_step``) over a fixed-shape cache (``KVCache(fixed_shape=True)``), whose length is rounded up to a
-multiple of ``CACHE_LENGTH_MULTIPLE`` so that nearby prompt lengths reuse one graph.
+forward, already efficient), and each decode step runs as one graph compiled by
+``torch.compile`` (``fusionlm.inference.decode_step``) over a fixed-shape cache
+(``KVCache(fixed_shape=True)``), whose length is rounded up to a multiple of
+``CACHE_LENGTH_MULTIPLE`` so that nearby prompt lengths reuse one graph.
 Compiling takes a while once per model, batch size and cache length (inductor keeps the
 result in its on-disk cache for the next process); without a C++ compiler the loop warns
 and stays eager. The math is the same either way: the tests hold the greedy tokens equal.

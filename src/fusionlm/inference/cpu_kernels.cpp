@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -60,40 +61,32 @@ inline void prefetch(const void* p) {
 }
 #endif
 
-float dot_f32(const float* x, const float* w, int64_t k_size) {
-  int64_t k = 0;
-  float total = 0.0f;
+// The fp32 and bf16 weights' element access: as is, or widened from bf16.
+inline float to_float(float value) { return value; }
+inline float to_float(uint16_t bf16) { return bf16_to_float(bf16); }
 #ifdef FUSIONLM_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  for (; k + 32 <= k_size; k += 32) {  // two cache lines
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(w + k + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(w + k + 24), a3);
-  }
-  total = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return load_bf16(p); }
 #endif
-  for (; k < k_size; ++k) total += x[k] * w[k];
-  return total;
-}
 
-float dot_bf16(const float* x, const uint16_t* w, int64_t k_size) {
+// x . w over k_size values, w fp32 or bf16 (uint16_t bits).
+template <typename Weight>
+float dot(const float* x, const Weight* w, int64_t k_size) {
   int64_t k = 0;
   float total = 0.0f;
 #ifdef FUSIONLM_AVX2
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  for (; k + 32 <= k_size; k += 32) {  // 32 bf16 weights: one cache line
-    prefetch(w + k);
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_bf16(w + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_bf16(w + k + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_bf16(w + k + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_bf16(w + k + 24), a3);
+  for (; k + 32 <= k_size; k += 32) {
+    if constexpr (std::is_same_v<Weight, uint16_t>) prefetch(w + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8(w + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load8(w + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load8(w + k + 24), a3);
   }
   total = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
-  for (; k < k_size; ++k) total += x[k] * bf16_to_float(w[k]);
+  for (; k < k_size; ++k) total += x[k] * to_float(w[k]);
   return total;
 }
 
@@ -135,10 +128,10 @@ void check_inputs(const at::Tensor& x, at::TensorList weights, at::ScalarType dt
   }
 }
 
-// y_i[m, n] = dot(x[m], i, n): row m of x times row n of weight i, for every weight, as one
+// y_i[m, n] = row_dot(x[m], i, n): row m of x times row n of weight i, for every weight, as one
 // parallel pass over all the weights' rows (a layer's q, k and v projections share x).
-template <typename Dot>
-std::vector<at::Tensor> matvecs(const at::Tensor& input, at::TensorList weights, Dot dot) {
+template <typename RowDot>
+std::vector<at::Tensor> matvecs(const at::Tensor& input, at::TensorList weights, RowDot row_dot) {
   const auto x = input.contiguous();
   const int64_t m_size = x.size(0), k_size = x.size(1);
   std::vector<at::Tensor> outputs;
@@ -155,7 +148,7 @@ std::vector<at::Tensor> matvecs(const at::Tensor& input, at::TensorList weights,
     for (int64_t row = begin; row < end; ++row) {
       if (row == first_row[i + 1]) ++i;
       const int64_t n = row - first_row[i], n_size = first_row[i + 1] - first_row[i];
-      for (int64_t m = 0; m < m_size; ++m) out[i][m * n_size + n] = dot(xp + m * k_size, i, n);
+      for (int64_t m = 0; m < m_size; ++m) out[i][m * n_size + n] = row_dot(xp + m * k_size, i, n);
     }
   });
   return outputs;
@@ -176,7 +169,7 @@ std::vector<at::Tensor> linear_f32(const at::Tensor& x, at::TensorList weights) 
   check_inputs(x, weights, at::kFloat);
   const auto w = pointers<float>(weights);
   return matvecs(x, weights, [&](const float* row, size_t i, int64_t n) {
-    return dot_f32(row, w[i] + n * k, k);
+    return dot(row, w[i] + n * k, k);
   });
 }
 
@@ -185,7 +178,7 @@ std::vector<at::Tensor> linear_bf16(const at::Tensor& x, at::TensorList weights)
   check_inputs(x, weights, at::kBFloat16);
   const auto w = pointers<at::BFloat16>(weights);
   return matvecs(x, weights, [&](const float* row, size_t i, int64_t n) {
-    return dot_bf16(row, reinterpret_cast<const uint16_t*>(w[i] + n * k), k);
+    return dot(row, reinterpret_cast<const uint16_t*>(w[i] + n * k), k);
   });
 }
 

@@ -15,7 +15,7 @@ Each takes a list of weights that share the input (a layer's q, k and v projecti
 returns one output per weight, computed in one parallel pass over all their rows.
 
 They are registered with PyTorch's dispatcher in C++, so a compiled decode step calls them
-without going through Python. ``load_kernels`` compiles them the first time (about 20 s,
+without going through Python. ``load_kernels`` compiles them the first time (about 17 s,
 with the C++ compiler inductor also needs; ``torch.utils.cpp_extension`` caches the build
 under ``TORCH_EXTENSIONS_DIR``).
 """
