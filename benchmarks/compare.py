@@ -9,8 +9,8 @@ decode step compiles (or loads from inductor's on-disk cache, if an earlier run 
 
 Every measurement runs in a fresh subprocess (so peak RSS and thread settings are its own),
 ``--rounds`` times per system, interleaved with the other systems' (the table keeps each
-system's best decode and prefill), at batch size 1: decode = ``--new-tokens`` greedy tokens after a ``--prompt-len`` prompt,
-prefill = a ``--prefill-len`` prompt. The weights are the default model's (SmolLM2-135M-Instruct,
+system's best decode and prefill), at batch size 1: decode = ``--new-tokens`` greedy tokens
+after a ``--prompt-len`` prompt, prefill = a ``--prefill-len`` prompt. The weights are the default model's (SmolLM2-135M-Instruct,
 shipped as Q4_1): fusionlm and transformers dequantize it at load; llama.cpp gets F32 / BF16 /
 Q8_0 files made from it by llama.cpp's own quantizer (cached under benchmarks/.cache/).
 """
@@ -219,6 +219,8 @@ def main() -> None:
     parser.add_argument("--systems", default="fusionlm,fusionlm-eager,transformers,llama.cpp")
     parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     common = ["--threads", str(args.threads), "--prompt-len", str(args.prompt_len)]
     common += ["--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len)]
     if args.child:

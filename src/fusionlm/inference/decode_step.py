@@ -196,9 +196,14 @@ class DecodeStep:
 
     def __init__(self, model: TransformerDecoder, *, compile: bool) -> None:
         self.model = model
-        self.compiled = compile
-        self.streaming = compile and load_kernels()
-        self.layout = tensor_layout(model) if compile else 0
+        # The compiled step for this model's layout, looked up once (None: eager).
+        self.compiled_step = (
+            compiled_forward_step(
+                streaming_matvecs_pass=load_kernels(), layout=tensor_layout(model)
+            )
+            if compile
+            else None
+        )
 
     def __call__(
         self,
@@ -209,11 +214,11 @@ class DecodeStep:
         input_pos: Tensor,
     ) -> Tensor:
         """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
-        if self.compiled:
+        if self.compiled_step is not None:
             try:
-                return compiled_forward_step(
-                    streaming_matvecs_pass=self.streaming, layout=self.layout
-                )(self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos)
+                return self.compiled_step(
+                    self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
+                )
             except torch._dynamo.exc.BackendCompilerFailed as error:
                 warnings.warn(
                     f"decoding eagerly: torch.compile could not build the decode step ({error}); "
@@ -221,7 +226,7 @@ class DecodeStep:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                self.compiled = False
+                self.compiled_step = None
         return forward_step(
             self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
         )
