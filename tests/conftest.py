@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def make_hf_llama(directory: Path, **overrides: Any):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.LlamaForCausalLM(config)
-    randomize_(model, seed=hash(directory.name) % 1000)
+    # str hashes change per process (PYTHONHASHSEED); crc32 gives each directory one model.
+    randomize_(model, seed=zlib.crc32(directory.name.encode()) % 1000)
     model.save_pretrained(directory)
     return model.eval()
 
