@@ -1,16 +1,21 @@
-// Matrix-vector products for decoding on CPU: y = x @ W.T for a few rows of fp32 activations,
-// with W stored as fp32, as bf16, or as int8 with one fp32 scale per 32 consecutive inputs
-// (llama.cpp's Q8_0 layout). Decoding streams every weight once per token, so these run at
-// memory bandwidth: AVX2/FMA where the compiler targets it, plain loops elsewhere.
+// Kernels for decoding on CPU, where PyTorch's general ones lose time:
+// - matrix-vector products y = x @ W.T for a few rows of fp32 activations, with W stored as
+//   fp32, as bf16, or as int8 with one fp32 scale per 32 consecutive inputs (llama.cpp's Q8_0
+//   layout). Decoding streams every weight once per token, so these run at memory bandwidth:
+//   AVX2/FMA where the compiler targets it, plain loops elsewhere.
+// - attention of one query per sequence over a key/value cache that reads only the keys its
+//   mask allows (the filled slots of a fixed-length cache), not the whole buffer.
 //
 // Built on first use by fusionlm/inference/cpu_kernels.py (torch.utils.cpp_extension) and
-// called as torch.ops.fusionlm.linear_bf16 / linear_int8.
+// called as torch.ops.fusionlm.linear_f32 / linear_bf16 / linear_int8 / decode_attention.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -162,6 +167,35 @@ std::vector<const T*> pointers(at::TensorList tensors) {
   return result;
 }
 
+// out[0, d) = sum over i < n of weight[i] * values[slot[i] * stride + (0, d)].
+void weighted_sum(float* out, const float* weight, const int64_t* slot, int64_t n,
+                  const float* values, int64_t stride, int64_t d) {
+  int64_t t = 0;
+#ifdef FUSIONLM_AVX2
+  for (; t + 32 <= d; t += 32) {  // 32 channels in four registers, one pass over the slots
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      const float* row = values + slot[i] * stride + t;
+      const __m256 p = _mm256_set1_ps(weight[i]);
+      a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row), a0);
+      a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8), a1);
+      a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 16), a2);
+      a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 24), a3);
+    }
+    _mm256_storeu_ps(out + t, a0);
+    _mm256_storeu_ps(out + t + 8, a1);
+    _mm256_storeu_ps(out + t + 16, a2);
+    _mm256_storeu_ps(out + t + 24, a3);
+  }
+#endif
+  for (; t < d; ++t) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; ++i) total += weight[i] * values[slot[i] * stride + t];
+    out[t] = total;
+  }
+}
+
 }  // namespace
 
 std::vector<at::Tensor> linear_f32(const at::Tensor& x, at::TensorList weights) {
@@ -202,6 +236,82 @@ std::vector<at::Tensor> linear_int8(const at::Tensor& x, at::TensorList weights,
   });
 }
 
+// softmax(q . k[j] * scale over the keys j the mask allows) @ v, one query per (row, head).
+// A query's head shares key/value head head / (h / h_kv) (grouped-query attention). Keys the
+// mask excludes are never read, so a fixed-length cache costs what it holds, and a query with
+// no allowed key gets zeros.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "q must be [b, h, 1, d], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k and v must be [b, h_kv, s, d], got ",
+              k.sizes(), " and ", v.sizes());
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(3), h_kv = k.size(1), s = k.size(2);
+  TORCH_CHECK(k.size(0) == b && k.size(3) == d && h % h_kv == 0,
+              "k and v [b, h_kv, s, d] do not fit q ", q.sizes(), ": got ", k.sizes());
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(3) == 1,
+                "q, k and v must be float32 with contiguous rows");
+  }
+  // The mask's strides over [b, h, s], 0 along a dimension it broadcasts (no expanded copy).
+  const bool* mp = nullptr;
+  int64_t m_row = 0, m_head = 0, m_slot = 0;
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(2) == 1 &&
+                    (m.size(0) == 1 || m.size(0) == b) && (m.size(1) == 1 || m.size(1) == h) &&
+                    m.size(3) == s,
+                "mask must be bool [1 or b, 1 or h, 1, s] with b=", b, ", h=", h, ", s=", s,
+                ", got ", m.scalar_type(), " ", m.sizes());
+    mp = m.data_ptr<bool>();
+    m_row = m.size(0) == 1 ? 0 : m.stride(0);
+    m_head = m.size(1) == 1 ? 0 : m.stride(1);
+    m_slot = m.stride(3);
+  }
+  auto out = at::empty({b, h, 1, d}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // Strides as plain integers: Tensor::stride() is a call, too slow for the inner loops.
+  const int64_t q_row = q.stride(0), q_head = q.stride(1);
+  const int64_t k_row = k.stride(0), k_head = k.stride(1), k_slot = k.stride(2);
+  const int64_t v_row = v.stride(0), v_head = v.stride(1), v_slot = v.stride(2);
+  const int64_t group = h / h_kv;
+  const float factor = static_cast<float>(scale);
+  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weight(s);
+    std::vector<int64_t> slot(s);
+    for (int64_t row_head = begin; row_head < end; ++row_head) {
+      const int64_t row = row_head / h, head = row_head % h, kv_head = head / group;
+      const float* query = qp + row * q_row + head * q_head;
+      const float* keys = kp + row * k_row + kv_head * k_head;
+      const float* values = vp + row * v_row + kv_head * v_head;
+      const bool* allow = mp ? mp + row * m_row + head * m_head : nullptr;
+      int64_t n = 0;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < s; ++j) {
+        if (allow && !allow[j * m_slot]) continue;
+        weight[n] = dot(query, keys + j * k_slot, d) * factor;
+        top = std::max(top, weight[n]);
+        slot[n++] = j;
+      }
+      float* result = op + row_head * d;
+      if (n == 0) {  // no key to attend to
+        std::fill(result, result + d, 0.0f);
+        continue;
+      }
+      float total = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        weight[i] = std::exp(weight[i] - top);
+        total += weight[i];
+      }
+      for (int64_t i = 0; i < n; ++i) weight[i] /= total;
+      weighted_sum(result, weight.data(), slot.data(), n, values, v_slot, d);
+    }
+  });
+  return out;
+}
+
 // Registered with PyTorch's dispatcher, so compiled graphs call them without Python.
 TORCH_LIBRARY(fusionlm, m) {
   // x [m, k] fp32 @ weights[i] [n_i, k] fp32 .T -> [m, n_i] fp32, for each i
@@ -211,10 +321,14 @@ TORCH_LIBRARY(fusionlm, m) {
   // x [m, k] fp32 @ (weights[i] [n_i, k] int8 * scales[i] [n_i, k / 32], per group of 32
   // inputs).T -> [m, n_i] fp32
   m.def("linear_int8(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor[]");
+  // q [b, h, 1, d], k and v [b, h_kv, s, d], mask None or bool [1 or b, 1 or h, 1, s] (True =
+  // may attend) -> [b, h, 1, d], all fp32
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusionlm, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -12,7 +12,11 @@ converted in registers, accumulated in fp32:
 - ``torch.ops.fusionlm.linear_int8(x, weights: [n_i, k] int8, scales: [n_i, k / 32] fp32)``
 
 Each takes a list of weights that share the input (a layer's q, k and v projections) and
-returns one output per weight, computed in one parallel pass over all their rows.
+returns one output per weight, computed in one parallel pass over all their rows. And one
+attention kernel for decoding, which reads only the cached keys a query may attend to:
+
+- ``torch.ops.fusionlm.decode_attention(q [b, h, 1, d], k, v [b, h_kv, s, d], mask, scale)``
+  with ``mask`` None or bool ``[1 or b, 1 or h, 1, s]``; fp32 in and out.
 
 They are registered with PyTorch's dispatcher in C++, so a compiled decode step calls them
 without going through Python. ``load_kernels`` compiles them the first time (about 17 s,
@@ -55,8 +59,8 @@ def load_kernels() -> bool:
         )
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as error:
         warnings.warn(
-            f"fusionlm's CPU kernels could not be built ({error}); bf16 and int8 linears fall "
-            "back to slower PyTorch ops. Install a C++ compiler (g++) to get them.",
+            f"fusionlm's CPU kernels could not be built ({error}); decoding falls back to "
+            "slower PyTorch ops. Install a C++ compiler (g++) to get them.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -64,6 +68,7 @@ def load_kernels() -> bool:
     torch.library.register_fake("fusionlm::linear_f32")(_outputs_like)
     torch.library.register_fake("fusionlm::linear_bf16")(_outputs_like)
     torch.library.register_fake("fusionlm::linear_int8")(_outputs_like)
+    torch.library.register_fake("fusionlm::decode_attention")(_attention_output_like)
     return True
 
 
@@ -72,6 +77,13 @@ def _outputs_like(
 ) -> list[Tensor]:
     """The ops' outputs for tracing: ``[m, n_i]`` fp32 per weight."""
     return [x.new_empty(x.shape[0], weight.shape[0]) for weight in weights]
+
+
+def _attention_output_like(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> Tensor:
+    """``decode_attention``'s output for tracing: contiguous ``[b, h, 1, d]`` fp32."""
+    return q.new_empty(q.shape)
 
 
 __all__ = ["INT8_GROUP_SIZE", "MATVEC_MAX_ROWS", "load_kernels"]

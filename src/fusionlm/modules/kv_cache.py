@@ -21,7 +21,8 @@ class KVCache(nn.Module):
     ``fixed_shape=True`` it returns the whole buffer, so every decode step has the same
     shapes and ``torch.compile`` builds one graph for all of them; the write position is
     then a tensor (``next_slot``), not a Python int a compiled graph would specialise on,
-    and attention masks the unwritten slots with ``filled_mask`` (an exactly-zero weight).
+    and attention masks the unwritten slots with ``filled_mask`` (an exactly-zero weight;
+    the ``sdpa`` backend's decode kernel skips masked slots without reading them).
 
     Args:
         batch_size: rows in the batch.
