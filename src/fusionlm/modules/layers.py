@@ -38,8 +38,10 @@ class GradientCheckpointingLayer(nn.Module):
         self.checkpoint_use_reentrant = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # nn.Module.__call__ by name, not super(): dynamo would guard the layer's class
+        # __mro__, which keeps it from checking a compiled step's layers by dict tags.
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
-            return super().__call__(*args, **kwargs)
+            return nn.Module.__call__(self, *args, **kwargs)
         if self.checkpoint_use_reentrant:
             grad_kwargs = [
                 k for k, v in kwargs.items() if isinstance(v, Tensor) and v.requires_grad
@@ -50,7 +52,7 @@ class GradientCheckpointingLayer(nn.Module):
                     "pass them positionally or use use_reentrant=False"
                 )
         return checkpoint(
-            functools.partial(super().__call__, **kwargs),
+            functools.partial(nn.Module.__call__, self, **kwargs),
             *args,
             use_reentrant=self.checkpoint_use_reentrant,
         )
