@@ -88,6 +88,20 @@ def test_weights_of_a_new_layout_get_their_own_graph():
     assert graphs_compiled() > compiled
 
 
+def test_a_model_changed_between_generate_calls_gets_a_graph_that_fits():
+    """Within a token loop only the first step checks dynamo's guards; that check must still
+    catch a model changed since the last call (a Python attribute the graph bakes in)."""
+    model = tiny(max_position_embeddings=512)
+    generate(model, PROMPTS, max_new_tokens=4)
+    compiled = graphs_compiled()
+    for layer in model.layers:
+        layer.attn.scale *= 4.0
+    assert generate(model, PROMPTS, max_new_tokens=12) == generate(
+        model, PROMPTS, max_new_tokens=12, compile=False
+    )
+    assert graphs_compiled() > compiled
+
+
 def test_a_compiler_failure_falls_back_to_eager(monkeypatch):
     model = tiny()
 
