@@ -55,17 +55,22 @@ def test_backends_equal_eager(backend, kv_heads):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
-def single_query_inputs(kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q ``[3, 6, 1, 8]`` and k, v ``[3, kv_heads, 10, 8]``: one decode step of three rows."""
-    return torch.randn(3, 6, 1, 8), torch.randn(3, kv_heads, 10, 8), torch.randn(3, kv_heads, 10, 8)
+def single_query_inputs(
+    kv_heads: int, head_dim: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``[3, 6, 1, head_dim]`` and k, v ``[3, kv_heads, 10, head_dim]``: one decode step of
+    three rows."""
+    q = torch.randn(3, 6, 1, head_dim)
+    return q, torch.randn(3, kv_heads, 10, head_dim), torch.randn(3, kv_heads, 10, head_dim)
 
 
 @pytest.mark.parametrize("kv_heads", [6, 2, 1])
 @pytest.mark.parametrize("mask_shape", [None, (3, 1, 1, 10), (1, 6, 1, 10), (3, 6, 1, 10)])
-def test_single_query_kernel_equals_eager(kv_heads, mask_shape):
+@pytest.mark.parametrize("head_dim", [8, 40])  # 40: the kernel's 32-wide AVX2 loops and a tail
+def test_single_query_kernel_equals_eager(kv_heads, mask_shape, head_dim):
     """A decode step (one query per row) runs ``fusionlm.decode_attention``: the same result as
     the eager reference for every mask broadcast, and zeros for a row with no allowed key."""
-    q, k, v = single_query_inputs(kv_heads)
+    q, k, v = single_query_inputs(kv_heads, head_dim)
     mask = None if mask_shape is None else torch.rand(mask_shape) > 0.5
     if mask is not None:
         mask[0] = False
@@ -79,7 +84,7 @@ def test_single_query_kernel_equals_eager(kv_heads, mask_shape):
 def test_single_query_kernel_never_reads_masked_keys():
     """NaN in every masked key and value: the grouped matmuls spread it (0 * NaN is NaN), the
     kernel does not read those slots at all."""
-    q, k, v = single_query_inputs(2)
+    q, k, v = single_query_inputs(2, head_dim=40)
     mask = torch.rand(3, 1, 1, 10) > 0.5
     mask[:, :, :, 0] = True
     clean = eager_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0)
