@@ -10,9 +10,10 @@ decode step compiles (or loads from inductor's on-disk cache, if an earlier run 
 Every measurement runs in a fresh subprocess (so peak RSS and thread settings are its own),
 ``--rounds`` times per system, interleaved with the other systems' (the table keeps each
 system's best decode and prefill), at batch size 1: decode = ``--new-tokens`` greedy tokens
-after a ``--prompt-len`` prompt, prefill = a ``--prefill-len`` prompt. The weights are the default model's (SmolLM2-135M-Instruct,
-shipped as Q4_1): fusionlm and transformers dequantize it at load; llama.cpp gets F32 / BF16 /
-Q8_0 files made from it by llama.cpp's own quantizer (cached under benchmarks/.cache/).
+after a ``--prompt-len`` prompt, prefill = a ``--prefill-len`` prompt. The weights are the
+default model's (SmolLM2-135M-Instruct, shipped as Q4_1): fusionlm and transformers
+dequantize it at load; llama.cpp gets F32 / BF16 / Q8_0 files made from it by llama.cpp's
+own quantizer (cached under benchmarks/.cache/).
 """
 
 from __future__ import annotations
