@@ -3,9 +3,9 @@
     make peers                      # llama-cpp-python (compiles llama.cpp, ~8 min), once
     .venv/bin/python benchmarks/compare.py [--threads 2] [--systems fusionlm,transformers,llama.cpp]
 
-``fusionlm`` is the default fast path (compiled decode step); ``fusionlm-eager`` the same
-loop with ``--no-compile``. "cold start" is load plus the first short generation, where the
-decode step compiles (or loads from inductor's on-disk cache, if an earlier run filled it).
+``fusionlm`` is the fast path (``--compile``: the decode step compiled ahead of time);
+``fusionlm-eager`` the same loop with ``--no-compile``. "cold start" is load plus the first
+short generation, where the decode step is built (or loaded, if an earlier run stored it).
 
 Every measurement runs in a fresh subprocess (so peak RSS and thread settings are its own),
 ``--rounds`` times per system, interleaved with the other systems' (the table keeps each
@@ -58,7 +58,7 @@ def child(argv: list[str]) -> dict:
 
 def run_fusionlm(mode: str, args: argparse.Namespace, *, compile: bool) -> dict:
     cmd = [sys.executable, "-m", "fusionlm", "bench", "--json", *MODES[mode][0]]
-    cmd += [] if compile else ["--no-compile"]
+    cmd += ["--compile"] if compile else ["--no-compile"]
     cmd += ["--threads", str(args.threads), "--prompt-len", str(args.prompt_len)]
     cmd += ["--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len)]
     out = subprocess.run(cmd, capture_output=True, text=True)

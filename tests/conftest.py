@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-from fusionlm.inference import decode_step
 
 BASE_CONFIG: dict[str, Any] = {
     "vocab_size": 96,
@@ -61,11 +60,14 @@ def hf_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     return directory, make_hf_llama(directory)
 
 
-@pytest.fixture(autouse=True)
-def eager_decoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decode steps run eagerly (over the same fixed-shape cache) unless a test is marked
-    ``compiled``: compiling a graph for every tiny model would dominate the suite's time."""
-    if "compiled" not in request.keywords:
-        monkeypatch.setattr(
-            decode_step, "compiled_forward_step", lambda **options: decode_step.forward_step
-        )
+@pytest.fixture(scope="session", autouse=True)
+def step_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Compiled decode steps go to one directory of this session, which starts empty: with
+    ``compile="auto"`` (the default) every test decodes eagerly over the fixed-shape cache,
+    unless it builds a step (``compile=True``, marked ``compiled``); no command a test runs
+    starts a background build. The user's own cache is never read or written."""
+    directory = tmp_path_factory.mktemp("fusionlm-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FUSIONLM_CACHE_DIR", str(directory))
+        patch.setenv("FUSIONLM_BACKGROUND_COMPILE", "0")
+        yield directory

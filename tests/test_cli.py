@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fusionlm
+from fusionlm import cli
 from fusionlm.cli import main
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS
 
@@ -85,6 +86,8 @@ def one_line_error(capsys, argv: list[str], message: str) -> None:
         (["generate", "hi", "--threads", "0"], "--threads must be >= 1"),
         (["generate", "hi", "--model", "/no/such/model.gguf"], "no model at /no/such/model.gguf"),
         (["info", "/no/such/dir"], "no model at"),
+        (["compile", "--model", "/no/such/model.gguf"], "no model at /no/such/model.gguf"),
+        (["compile", "--batch-size", "0"], "--batch-size must be >= 1"),
     ],
 )
 def test_user_errors_print_one_line(capsys, argv, message):
@@ -152,3 +155,29 @@ def test_eval_perplexity(capsys, tmp_path):
     one_line_error(capsys, ["eval", "--perplexity", str(binary)], "is not UTF-8 text")
     one_line_error(capsys, ["eval", "--perplexity", str(tmp_path / "none.txt")], "No such file")
     one_line_error(capsys, ["bench", "--new-tokens", "1"], "--new-tokens must be >= 2")
+
+
+@pytest.mark.slow
+@pytest.mark.compiled
+def test_a_run_without_a_stored_step_decodes_eagerly_and_builds_it_for_the_next(
+    capsys, monkeypatch
+):
+    """The default policy: never wait on a compile; start ``fusionlm compile`` detached for
+    the step this run lacked; the next run loads what that command stored."""
+    started = []
+    monkeypatch.setenv("FUSIONLM_BACKGROUND_COMPILE", "1")
+    monkeypatch.setattr(cli, "start_detached", lambda command, log: started.append(command))
+    argv = ["generate", "What is the capital of France?", "--max-new-tokens", "8"]
+    argv += ["--threads", "2", "--model", DEFAULT_MODEL]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "| eager decode |" in err
+    assert "building the compiled decode step in the background" in err
+    (command,) = started
+    assert command[command.index("--cache-len") + 1] == "256"
+    assert main(command[command.index("compile") :]) == 0  # what the detached process runs
+    capsys.readouterr()
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out and "| compiled decode |" in err
+    assert "background" not in err

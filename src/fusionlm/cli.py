@@ -2,29 +2,28 @@
 
 Errors the user caused (a missing file, a bad option value, a prompt too long) print one
 line to stderr and exit with status 2; set ``FUSIONLM_DEBUG=1`` to see the traceback.
+
+Parsing imports nothing heavy (``--help`` answers before torch loads); each command imports
+what it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from fusionlm.evaluation import perplexity
-from fusionlm.generation import GenerationStats, SamplingParams, generate_stream
-from fusionlm.inference.benchmark import benchmark
-from fusionlm.loading import QUANTIZATIONS, describe, load_model, load_tokenizer, save_hf
+from fusionlm.inference.weight_formats import QUANTIZATIONS
 from fusionlm.models.registry import DEFAULT_MODEL
-from fusionlm.modules.fusion import DeepFusionModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class UsageError(Exception):
@@ -38,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:
                 raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
             torch.set_num_threads(args.threads)
         return args.run(args)
     except (UsageError, ValueError, TypeError, OSError) as e:
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODEL,
         help=f"registered name, .gguf file or HF directory (default {DEFAULT_MODEL})",
     )
-    model.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    model.add_argument("--dtype", choices=DTYPES, default="float32")
     model.add_argument(
         "--quant",
         choices=QUANTIZATIONS,
@@ -73,15 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     decoding = argparse.ArgumentParser(add_help=False)
-    decoding.add_argument(
+    compiling = decoding.add_mutually_exclusive_group()
+    compiling.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="compile the decode step now if it is not stored yet (about a minute, once); "
+        "by default a stored step is used, else this run decodes eagerly and the step "
+        "is built in the background for later runs",
+    )
+    compiling.add_argument(
         "--no-compile",
         dest="compile",
-        action="store_false",
-        help="decode eagerly instead of with a compiled step (no compile time, slower tokens)",
+        action="store_const",
+        const=False,
+        help="decode eagerly, and build nothing",
     )
 
     sampling = argparse.ArgumentParser(add_help=False)
-    sampling.add_argument("--max-new-tokens", type=int, default=256)
+    sampling.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sampling.add_argument("--top-k", type=int, default=None)
     sampling.add_argument("--top-p", type=float, default=None)
@@ -134,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=run_bench)
 
+    compile_step = commands.add_parser(
+        "compile",
+        parents=[model],
+        help="build the compiled decode step for a model and settings ahead of time",
+    )
+    compile_step.add_argument("--batch-size", type=int, default=1)
+    compile_step.add_argument(
+        "--cache-len",
+        type=int,
+        default=None,
+        help="KV cache slots (a multiple of 256 serves every reply that fits; default: "
+        "what `generate` uses with its default --max-new-tokens for a short prompt)",
+    )
+    compile_step.set_defaults(run=run_compile)
+
     evaluate = commands.add_parser("eval", parents=[model], help="measure model quality")
     evaluate.add_argument(
         "--perplexity", required=True, metavar="FILE", help="UTF-8 text file to score"
@@ -155,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sampling(args: argparse.Namespace) -> SamplingParams:
+def _sampling(args: argparse.Namespace):  # -> SamplingParams
+    from fusionlm.generation import SamplingParams
+
     return SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -165,9 +195,17 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def _dtype(args: argparse.Namespace):  # -> torch.dtype
+    import torch
+
+    return getattr(torch, args.dtype)
+
+
 def _load(args: argparse.Namespace):
+    from fusionlm.loading import load_model, load_tokenizer
+
     started = time.perf_counter()
-    model = load_model(args.model, dtype=DTYPES[args.dtype], quant=args.quant)
+    model = load_model(args.model, dtype=_dtype(args), quant=args.quant)
     tokenizer = load_tokenizer(args.model)
     return model, tokenizer, time.perf_counter() - started
 
@@ -176,9 +214,10 @@ def _messages(args: argparse.Namespace, turns: list[dict[str, str]]) -> list[dic
     return ([{"role": "system", "content": args.system}] if args.system else []) + turns
 
 
-def _stream_reply(
-    model, tokenizer, ids: list[int], args: argparse.Namespace, *, images: Sequence = ()
-) -> tuple[str, GenerationStats]:
+def _stream_reply(model, tokenizer, ids: list[int], args: argparse.Namespace, *, images=()):
+    """Stream the reply to stdout; returns its text and ``GenerationStats``."""
+    from fusionlm.generation import GenerationStats, generate_stream
+
     stats = GenerationStats()
     pieces = []
     for piece in generate_stream(
@@ -200,12 +239,67 @@ def _stream_reply(
     return "".join(pieces), stats
 
 
+def _step_cache_len(model, prompt_len: int, args: argparse.Namespace) -> int:
+    from fusionlm.generation import cache_length
+
+    return cache_length(min(prompt_len + args.max_new_tokens, model.max_seq_len), model.max_seq_len)
+
+
+def _stored_step(model, cache_len: int):  # -> Path | None: None for models that decode eagerly
+    from fusionlm.inference.decode_step import stored_step_path
+    from fusionlm.modules.decoder import TransformerDecoder
+
+    if type(model) is not TransformerDecoder:
+        return None
+    return stored_step_path(model, batch_size=1, cache_len=cache_len)
+
+
+def _build_step_in_background(args: argparse.Namespace, step, cache_len: int) -> None:
+    """Start ``fusionlm compile`` for the step this run decoded without, detached and at low
+    priority, so later runs load it; ``FUSIONLM_BACKGROUND_COMPILE=0`` turns this off."""
+    from fusionlm.inference.decode_step import build_in_progress
+
+    if os.environ.get("FUSIONLM_BACKGROUND_COMPILE", "1") == "0" or build_in_progress(step):
+        return
+    import torch
+
+    low_priority = ["nice", "-n", "10"] if shutil.which("nice") else []
+    command = [
+        *low_priority,
+        sys.executable, "-m", "fusionlm.cli", "compile", "--model", args.model,
+        "--dtype", args.dtype, "--quant", args.quant,
+        "--threads", str(torch.get_num_threads()), "--cache-len", str(cache_len),
+    ]  # fmt: skip
+    try:
+        start_detached(command, log=step.with_suffix(".log"))
+    except OSError as error:
+        print(f"fusionlm: not building the decode step ({error})", file=sys.stderr)
+        return
+    print(
+        "fusionlm: decoded eagerly; building the compiled decode step in the background "
+        f"for later runs (about a minute; log: {step.with_suffix('.log')})",
+        file=sys.stderr,
+    )
+
+
+def start_detached(command: list[str], *, log: Path) -> None:
+    """Start ``command`` in a session of its own (it outlives this process), its output to
+    ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     _sampling(args)  # validate options before the model loads
     images = _load_images(args.image)  # a bad path fails before the model loads
     model, tokenizer, load_s = _load(args)
+    from fusionlm.modules.fusion import DeepFusionModel
+
     if images and not isinstance(model, DeepFusionModel):
         raise UsageError(f"{args.model} is a text-only model; --image needs a vision model")
     if tokenizer.is_chat and not args.raw:
@@ -221,8 +315,14 @@ def run_generate(args: argparse.Namespace) -> int:
     if images and image_token is not None and image_token not in ids:
         # A raw prompt without image tokens: the images come first, as Llama 3.2 Vision's.
         ids = [image_token] * len(images) + ids
+    cache_len = _step_cache_len(model, len(ids), args)
+    step = _stored_step(model, cache_len) if args.compile is not False else None
+    stored = step is not None and step.is_file()
     _, stats = _stream_reply(model, tokenizer, ids, args, images=images)
-    print(f"load {load_s:.2f} s | {stats.summary()}", file=sys.stderr)
+    mode = "compiled" if stored else "eager"
+    print(f"load {load_s:.2f} s | {mode} decode | {stats.summary()}", file=sys.stderr)
+    if step is not None and not step.is_file():
+        _build_step_in_background(args, step, cache_len)
     return 0
 
 
@@ -269,10 +369,12 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from fusionlm.loading import load_model, load_tokenizer, save_hf
+
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UsageError(f"{out} is not empty; choose another directory or pass --force")
-    model = load_model(args.source, dtype=DTYPES[args.dtype])
+    model = load_model(args.source, dtype=_dtype(args))
     tokenizer = load_tokenizer(args.source)
     save_hf(model, out, tokenizer=tokenizer)
     print(f"wrote {out}", file=sys.stderr)
@@ -285,9 +387,15 @@ def run_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 2")
     if args.repeats < 1:
         raise UsageError("--repeats must be >= 1")
+    import dataclasses
+
+    import torch
+
+    from fusionlm.inference.benchmark import benchmark
+
     result = benchmark(
         args.model,
-        dtype=DTYPES[args.dtype],
+        dtype=_dtype(args),
         quant=args.quant,
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
@@ -311,7 +419,22 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compile(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from fusionlm.generation import cache_length
+    from fusionlm.inference.decode_step import compile_decode_step
+
+    model, _, _ = _load(args)
+    cache_len = args.cache_len or cache_length(1 + DEFAULT_MAX_NEW_TOKENS, model.max_seq_len)
+    path = compile_decode_step(model, batch_size=args.batch_size, cache_len=cache_len)
+    print(path)
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    from fusionlm.evaluation import perplexity
+
     path = Path(args.perplexity)
     try:
         text = path.read_text(encoding="utf-8")
@@ -324,6 +447,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from fusionlm.loading import describe
+
     for key, value in describe(args.source).items():
         print(f"{key:<14} {value}")
     return 0
@@ -334,3 +459,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     finetune(load_config(args.config, args.overrides))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

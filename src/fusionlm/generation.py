@@ -6,14 +6,15 @@ each prompt alone. Policy when a prompt plus ``max_new_tokens`` exceeds the mode
 context: a ``ValueError`` before any work, naming both numbers; nothing is truncated
 silently.
 
-The fast path, on by default (``compile=True``): the prompt runs eagerly (one large
-forward, already efficient), and each decode step runs as one graph compiled by
-``torch.compile`` (``fusionlm.inference.decode_step``) over a fixed-shape cache
-(``KVCache(fixed_shape=True)``), whose length is rounded up to a multiple of
-``CACHE_LENGTH_MULTIPLE`` so that nearby prompt lengths reuse one graph.
-Compiling takes a while once per model, batch size and cache length (inductor keeps the
-result in its on-disk cache for the next process); without a C++ compiler the loop warns
-and stays eager. The math is the same either way: the tests hold the greedy tokens equal.
+The fast path: the prompt runs eagerly (one large forward, already efficient), and each
+decode step runs as one graph compiled ahead of time (``fusionlm.inference.decode_step``)
+over a fixed-shape cache (``KVCache(fixed_shape=True)``), whose length is rounded up to a
+multiple of ``CACHE_LENGTH_MULTIPLE`` so that nearby prompt lengths share one graph.
+``compile="auto"`` (the default) uses a compiled step stored on disk for this model and
+these settings and otherwise decodes eagerly: a call never waits on a compile it did not
+ask for. ``compile=True`` builds the step first if it is not stored (tens of seconds,
+said on stderr); ``fusionlm compile`` builds it ahead. The math is the same either way:
+the tests hold the greedy tokens equal.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fusionlm.inference.decode_step import DecodeStep
+from fusionlm.inference.decode_step import CompileMode, DecodeStep
 from fusionlm.modules import masks
 from fusionlm.modules.decoder import TransformerDecoder
 
@@ -160,7 +161,7 @@ def generate_tokens(
     pad_id: int = 0,
     encoder_input: Mapping[str, Tensor] | None = None,
     encoder_mask: Tensor | None = None,
-    compile: bool = True,
+    compile: CompileMode = "auto",
 ) -> Iterator[list[int | None]]:
     """The token loop: yields, per step, each row's new token (None once a row has stopped).
 
@@ -175,8 +176,9 @@ def generate_tokens(
     prompt token sees; each generated token sees what its row's last prompt token sees.
     ``fusionlm.models.fusion.image_inputs`` makes both from images.
 
-    ``compile`` runs the decode steps as a compiled graph over a fixed-shape cache (see the
-    module doc); False runs them eagerly over a cache trimmed to its filled slots.
+    ``compile`` picks the decode step (``CompileMode``, see the module doc); unless False,
+    the cache has a fixed shape (see ``cache_length``), else it is trimmed to its filled
+    slots.
 
     Raises:
         ValueError: no prompts, an empty prompt, ids outside the vocabulary, a prompt plus
@@ -200,7 +202,7 @@ def generate_tokens(
     device = model.tok_embeddings.weight.device
     b = len(prompts)
     tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
-    cache_len = _cache_length(total, model.max_seq_len) if compile else total
+    cache_len = cache_length(total, model.max_seq_len) if compile is not False else total
     keep = torch.zeros(b, cache_len, dtype=torch.bool, device=device)
     keep[:, longest:] = True
     for i, prompt in enumerate(prompts):
@@ -222,7 +224,7 @@ def generate_tokens(
         # Cross-attention layers of a fusion model given no encoder input get an empty cache.
         encoder_max_seq_len=encoder_mask.shape[-1] if encoder_mask is not None else 0,
         decoder_max_seq_len=cache_len,
-        fixed_shape=compile,
+        fixed_shape=compile is not False,
     )
     # Padding must not count as "seen" for the repetition penalty: stand in each row's last
     # prompt token, which is in its history anyway.
@@ -273,8 +275,9 @@ def generate_tokens(
         model.remove_caches()
 
 
-def _cache_length(total: int, max_seq_len: int) -> int:
-    """``total`` rounded up to a multiple of ``CACHE_LENGTH_MULTIPLE``, within the context."""
+def cache_length(total: int, max_seq_len: int) -> int:
+    """The fixed cache length for ``total`` tokens (prompt + new): ``total`` rounded up to a
+    multiple of ``CACHE_LENGTH_MULTIPLE``, within the context ``max_seq_len``."""
     return min(max_seq_len, math.ceil(total / CACHE_LENGTH_MULTIPLE) * CACHE_LENGTH_MULTIPLE)
 
 
@@ -337,7 +340,7 @@ def generate(
     stop_strings: Sequence[str] | None = None,
     tokenizer: Tokenizer | None = None,
     images: Sequence[Sequence[ImageLike]] | None = None,
-    compile: bool = True,
+    compile: CompileMode = "auto",
 ) -> list[list[int]]:
     """Generate continuations of a batch of token-id prompts.
 
@@ -356,7 +359,8 @@ def generate(
             empty list for a prompt without), encoded once at the prefill. For Llama 3.2
             Vision each image needs its ``<|image|>`` token in the prompt (see
             ``fusionlm.models.fusion.image_inputs``).
-        compile: decode with the compiled step (the fast path; see the module doc).
+        compile: ``"auto"``: the stored compiled step if there is one, else eager; True:
+            build it first if needed; False: eager (see the module doc).
 
     Returns:
         the new tokens of each prompt (not the prompt).
@@ -418,7 +422,7 @@ def generate_stream(
     stop_strings: Sequence[str] = (),
     stats: GenerationStats | None = None,
     images: Sequence[ImageLike] = (),
-    compile: bool = True,
+    compile: CompileMode = "auto",
 ) -> Iterator[str]:
     """Yield the text of one prompt's continuation as it is generated.
 

@@ -19,7 +19,10 @@ from fusionlm.checkpoint.hf import (
     write_hf_dir,
 )
 from fusionlm.checkpoint.mllama import load_mllama_dir
-from fusionlm.inference.quantize import WEIGHT_FORMATS, quantize
+from fusionlm.inference.attention import BACKEND as ATTENTION_BACKEND
+from fusionlm.inference.cpu_kernels import load_kernels
+from fusionlm.inference.quantize import quantize
+from fusionlm.inference.weight_formats import QUANTIZATIONS
 from fusionlm.models.llama import LlamaConfig, llama
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS, resolve
 from fusionlm.modules.decoder import TransformerDecoder
@@ -27,14 +30,13 @@ from fusionlm.modules.fusion import DeepFusionModel
 from fusionlm.tokenizer import Tokenizer
 
 SUPPORTED_HF_MODEL_TYPES = ("llama", "mllama")
-QUANTIZATIONS = ("none", *WEIGHT_FORMATS)
 
 
 def load_model(
     source: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     dtype: torch.dtype = torch.float32,
-    attn_backend: str = "sdpa",
+    attn_backend: str | None = None,
     max_seq_len: int | None = None,
     quant: str = "none",
 ) -> TransformerDecoder | DeepFusionModel:
@@ -46,7 +48,9 @@ def load_model(
             or shards with ``model.safetensors.index.json``) of a Llama (``TransformerDecoder``)
             or an Mllama / Llama 3.2 Vision model (``DeepFusionModel``).
         dtype: the parameters' dtype (quantized GGUF tensors are dequantized to it).
-        attn_backend: ``"eager"``, ``"sdpa"``, ``"flex"`` or a registered backend.
+        attn_backend: ``"eager"``, ``"sdpa"``, ``"flex"``, ``"sdpa_cpu"`` or a registered
+            backend; None: ``"sdpa_cpu"`` (``sdpa`` with fusionlm's decode-attention
+            kernel) where fusionlm's CPU kernels build, else ``"sdpa"``.
         max_seq_len: override the model's context length.
         quant: ``"none"``, or weight-only linears that decode faster on CPU and compute in
             fp32: ``"bf16"`` (bf16 weights) or ``"int8"`` (int8 weights, one scale per 32
@@ -62,6 +66,8 @@ def load_model(
     """
     if quant not in QUANTIZATIONS:
         raise ValueError(f"unknown quant {quant!r}; choose one of {list(QUANTIZATIONS)}")
+    if attn_backend is None:
+        attn_backend = ATTENTION_BACKEND if load_kernels() else "sdpa"
     path = resolve(source)
     if path.is_dir():
         model = _load_hf_dir(path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len)

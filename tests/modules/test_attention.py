@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlm.inference.cpu_kernels import load_kernels
 from fusionlm.modules import masks
 from fusionlm.modules.attention import (
     ATTENTION_BACKENDS,
@@ -14,7 +13,6 @@ from fusionlm.modules.attention import (
     eager_attention,
     get_attention_backend,
     register_attention_backend,
-    sdpa_attention,
 )
 
 
@@ -53,66 +51,6 @@ def test_backends_equal_eager(backend, kv_heads):
             q, k, v, mask=m, is_causal=causal, scale=0.3, dropout=0.0
         )
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
-
-
-def single_query_inputs(
-    kv_heads: int, head_dim: int = 8
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q ``[3, 6, 1, head_dim]`` and k, v ``[3, kv_heads, 10, head_dim]``: one decode step of
-    three rows."""
-    q = torch.randn(3, 6, 1, head_dim)
-    return q, torch.randn(3, kv_heads, 10, head_dim), torch.randn(3, kv_heads, 10, head_dim)
-
-
-@pytest.mark.parametrize("kv_heads", [6, 2, 1])
-@pytest.mark.parametrize("mask_shape", [None, (3, 1, 1, 10), (1, 6, 1, 10), (3, 6, 1, 10)])
-@pytest.mark.parametrize("head_dim", [8, 40])  # 40: the kernel's 32-wide AVX2 loops and a tail
-def test_single_query_kernel_equals_eager(kv_heads, mask_shape, head_dim):
-    """A decode step (one query per row) runs ``fusionlm.decode_attention``: the same result as
-    the eager reference for every mask broadcast, and zeros for a row with no allowed key."""
-    q, k, v = single_query_inputs(kv_heads, head_dim)
-    mask = None if mask_shape is None else torch.rand(mask_shape) > 0.5
-    if mask is not None:
-        mask[0] = False
-    expected = eager_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0)
-    actual = sdpa_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0)
-    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
-    if mask is not None:
-        assert (actual[0] == 0).all()
-
-
-def test_single_query_kernel_never_reads_masked_keys():
-    """NaN in every masked key and value: the grouped matmuls spread it (0 * NaN is NaN), the
-    kernel does not read those slots at all."""
-    q, k, v = single_query_inputs(2, head_dim=40)
-    mask = torch.rand(3, 1, 1, 10) > 0.5
-    mask[:, :, :, 0] = True
-    clean = eager_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0)
-    hidden = ~mask[:, 0, 0]  # [3, 10]
-    k, v = k.clone(), v.clone()
-    k.permute(0, 2, 1, 3)[hidden] = float("nan")
-    v.permute(0, 2, 1, 3)[hidden] = float("nan")
-    assert (
-        eager_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0).isnan().any()
-    )
-    actual = sdpa_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0)
-    torch.testing.assert_close(actual, clean, atol=1e-6, rtol=1e-5)
-
-
-def test_single_query_with_autograd_takes_the_differentiable_path():
-    q, k, v = single_query_inputs(2)
-    q.requires_grad_()
-    sdpa_attention(q, k, v, mask=None, is_causal=False, scale=0.3, dropout=0.0).sum().backward()
-    assert q.grad is not None and q.grad.abs().sum() > 0
-
-
-def test_decode_attention_kernel_refuses_a_mask_that_does_not_fit():
-    assert load_kernels()
-    q, k, v = single_query_inputs(2)
-    with pytest.raises(RuntimeError, match=r"mask must be bool \[1 or b, 1 or h, 1, s\]"):
-        torch.ops.fusionlm.decode_attention(q, k, v, torch.ones(3, 1, 1, 9, dtype=torch.bool), 0.3)
-    with pytest.raises(RuntimeError, match="do not fit q"):
-        torch.ops.fusionlm.decode_attention(q, k[:, :, :, :4], v[:, :, :, :4], None, 0.3)
 
 
 def test_users_can_register_a_backend_and_duplicates_fail():

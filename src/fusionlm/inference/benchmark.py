@@ -9,6 +9,7 @@ import time
 import torch
 
 from fusionlm.generation import GenerationStats, SamplingParams, generate_tokens
+from fusionlm.inference.decode_step import CompileMode
 from fusionlm.loading import load_model
 from fusionlm.models.registry import DEFAULT_MODEL
 
@@ -33,12 +34,12 @@ def benchmark(
     new_tokens: int = 64,
     prefill_len: int = 512,
     repeats: int = 3,
-    compile: bool = True,
+    compile: CompileMode = True,
 ) -> BenchResult:
     """Measure one model configuration at batch size 1, greedy, no stop tokens.
 
     ``load_s`` covers reading and preparing the weights; ``warmup_s`` one short generation
-    (where the decode step compiles, with ``compile``); together they are the cold start.
+    (where the decode step is built or loaded, with ``compile``; see ``generate``); together they are the cold start.
     Decode is ``new_tokens`` steps after a ``prompt_len`` prompt, prefill a ``prefill_len``
     prompt; each is the best of ``repeats``.
     """

@@ -1,44 +1,75 @@
-"""One decode step of a decoder, compiled by inductor: the token loop's fast path.
+"""One decode step of a decoder, compiled ahead of time and kept on disk: the token loop's
+fast path.
 
-A decode step feeds one token per sequence through every layer over a fixed-shape KV cache
-(``KVCache(fixed_shape=True)``), so every step has the same shapes and runs the same graph.
-At batch 1 the step is bound by streaming the weights and by per-step overhead; the
-compile settings here were each measured on the default model (see the issue notes):
+A decode step feeds one token per row through every layer over a fixed-shape KV cache
+(``KVCache(fixed_shape=True)``), so every step has the same shapes and runs one graph.
+``torch.export`` captures that graph and AOTInductor compiles it into a shared library
+with a C++ wrapper (no Python between the ~150 kernel calls of a step), stored as a
+``.pt2`` package under ``cache_dir()``. Later processes load the package in about a second
+instead of tracing and compiling again; the weights are not in it: a loaded step is bound
+to the model's own tensors (and its KV cache) for each token loop.
+
+A stored step is found by ``step_key``, a hash of everything that changes the graph or its
+numbers: the model's structure (every module's class and plain attributes, so a changed
+``scale`` or ``eps`` is a new key), every tensor's name, shape, strides and dtype (the
+quantization with them), the batch size and cache length, the thread count, the torch
+version, the CPU and fusionlm's own modelling and kernel sources. The key is stored in the
+package too and checked on load, so a renamed, foreign or truncated file is rebuilt, never
+run. Builds write to a temporary name and rename it into place, under a file lock, so
+concurrent processes neither corrupt nor duplicate each other's work.
+
+Two compile settings, each measured on the default model:
 
 - fp32 matmuls with at most ``MATVEC_MAX_ROWS`` rows become ``fusionlm::linear_f32``, the
   streaming kernel of ``cpu_kernels`` (weight-only bf16 and int8 layers call theirs
   themselves), and kernel calls that share an input become one call
   (``StreamingMatvecs``, a post-grad graph pass);
-- no size and stride asserts in inductor's wrapper (hundreds of Python calls a step);
-- dynamo checks the model's modules by their dict version tags instead of re-running
-  every guard on every attribute of every module, each step, and skips its per-step check
-  of each weight's shape and dtype: ``tensor_layout`` hashes them once per ``DecodeStep``,
-  and each layout has its own graphs;
-- a ``DecodeStep`` (one per token loop) checks dynamo's guards on its first step only: the
-  later steps of the loop see the same model, so they run under
-  ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``. (The dict tags above stop
-  helping once a module's dicts change, as every generate call's new KV caches do: the
-  guards then cost ~1.1 ms per step, against ~0.1 ms skipped.)
+- no constant folding of uniform buffers (``joint_graph_constant_folding``): a KV cache's
+  write position is a zero-filled buffer when the graph is traced, and folding it would
+  bake "slot 0" into every step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
-import itertools
+import hashlib
+import json
 import operator
-import types
+import os
+import platform
+import sys
+import time
 import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS, load_kernels
 from fusionlm.modules.decoder import TransformerDecoder
+from fusionlm.modules.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from torch._inductor.custom_graph_pass import CustomGraphPass
+
+STEP_FORMAT = 1
+"""Bumped when what a stored step takes or returns changes."""
+CompileMode = Literal["auto"] | bool
+"""``True``: use the stored step, building it first if needed; ``"auto"``: use it if
+stored, else decode eagerly; ``False``: decode eagerly."""
+
+
+def cache_dir() -> Path:
+    """Where compiled decode steps are stored: ``$FUSIONLM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fusionlm`` (``~/.cache/fusionlm``), in ``decode-steps/``."""
+    root = os.environ.get("FUSIONLM_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "fusionlm"
+    )
+    return Path(root) / "decode-steps"
 
 
 def forward_step(
@@ -46,11 +77,305 @@ def forward_step(
     tokens: Tensor,
     *,
     mask: Tensor | None,
-    encoder_mask: Tensor | None,
+    encoder_mask: Tensor | None = None,
     input_pos: Tensor,
 ) -> Tensor:
     """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
     return model(tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos)[:, -1]
+
+
+class _StepGraph(nn.Module):
+    """What is exported: ``forward_step`` with the mask as a tensor input."""
+
+    def __init__(self, model: TransformerDecoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
+        return forward_step(self.model, tokens, mask=mask, input_pos=input_pos)
+
+
+def step_key(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> str:
+    """The name of ``model``'s decode step at this batch size and cache length (see the
+    module doc for what it covers). Caches set up on the model or not, the key is the same."""
+    modules = []
+    for name, module in model.named_modules():
+        if isinstance(module, KVCache):
+            continue
+        plain = {
+            k: v
+            for k, v in sorted(vars(module).items())
+            if not k.startswith("_")
+            and k not in ("kv_cache", "cache_enabled")  # the step always runs with caches
+            and isinstance(v, str | int | float | bool | type(None))
+        }
+        modules.append((name, type(module).__qualname__, plain))
+    tensors = [
+        (name, tuple(t.shape), t.stride(), str(t.dtype), str(t.device), t.requires_grad)
+        for name, t in _named_tensors(model, prefix="").items()
+        if ".kv_cache." not in name
+    ]
+    parts = {
+        "format": STEP_FORMAT,
+        "modules": modules,
+        "tensors": tensors,
+        "batch_size": batch_size,
+        "cache_len": cache_len,
+        "cache_dtype": str(model.tok_embeddings.weight.dtype),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version_info[:2],
+        "cpu": _cpu_fingerprint(),
+        "sources": _source_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+@functools.cache
+def _cpu_fingerprint() -> str:
+    """The CPU model and its instruction-set flags (the kernels are built for this CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
+    return hashlib.sha256("\n".join(sorted(set(wanted))).encode()).hexdigest()
+
+
+@functools.cache
+def _source_fingerprint() -> str:
+    """fusionlm's modelling and kernel sources, which shape the traced graph."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*package.glob("modules/*.py"), *package.glob("inference/*.[pc]*")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _named_tensors(model: nn.Module, *, prefix: str) -> dict[str, Tensor]:
+    """Every parameter and buffer by name, shared ones under each of their names."""
+    return {
+        **dict(model.named_parameters(prefix=prefix, remove_duplicate=False)),
+        **dict(model.named_buffers(prefix=prefix, remove_duplicate=False)),
+    }
+
+
+def compile_decode_step(
+    model: TransformerDecoder,
+    *,
+    batch_size: int = 1,
+    cache_len: int = 256,
+    directory: Path | None = None,
+) -> Path:
+    """Build ``model``'s decode step for this batch size and cache length, unless it is
+    stored already; returns the package's path. Says on stderr what it compiles and how
+    long it took (tens of seconds on two cores).
+
+    Raises:
+        TypeError: not a ``TransformerDecoder`` (fusion models decode eagerly).
+        ValueError: ``cache_len`` beyond the model's context.
+        OSError: the directory cannot be written.
+    """
+    if type(model) is not TransformerDecoder:
+        raise TypeError(
+            f"only a TransformerDecoder's decode step can be compiled, not {type(model).__name__}"
+        )
+    if not 1 <= cache_len <= model.max_seq_len:
+        raise ValueError(f"cache_len must be in [1, {model.max_seq_len}], got {cache_len}")
+    directory = directory or cache_dir()
+    key = step_key(model, batch_size=batch_size, cache_len=cache_len)
+    path = directory / f"{key}.pt2"
+    directory.mkdir(parents=True, exist_ok=True)
+    with _build_lock(path):
+        if _readable(path, key):  # built meanwhile by another process
+            return path
+        print(
+            f"fusionlm: compiling the decode step for this machine once (batch {batch_size}, "
+            f"{cache_len} slots, {torch.get_num_threads()} threads; about a minute on two "
+            f"cores); later runs load it from {directory}",
+            file=sys.stderr,
+            flush=True,
+        )
+        started = time.perf_counter()
+        _build(model, key=key, path=path, batch_size=batch_size, cache_len=cache_len)
+        print(
+            f"fusionlm: compiled the decode step in {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Held while ``path`` is built: a second builder waits, then finds it built."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def build_in_progress(path: Path) -> bool:
+    """Whether another process holds ``path``'s build lock now."""
+    try:
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _build(
+    model: TransformerDecoder, *, key: str, path: Path, batch_size: int, cache_len: int
+) -> None:
+    from torch._inductor import aoti_compile_and_package
+
+    load_kernels()
+    dtype = model.tok_embeddings.weight.dtype
+    had_caches = model.caches_are_setup()
+    if not had_caches:
+        model.setup_caches(batch_size, dtype, decoder_max_seq_len=cache_len, fixed_shape=True)
+    try:
+        example = (
+            torch.zeros(batch_size, 1, dtype=torch.long),
+            torch.zeros(batch_size, 1, dtype=torch.long),
+            torch.ones(batch_size, 1, 1, cache_len, dtype=torch.bool),
+        )
+        with torch.no_grad():
+            program = torch.export.export(_StepGraph(model), example, strict=False)
+    finally:
+        if not had_caches:
+            model.remove_caches()
+    options: dict[str, object] = {
+        "joint_graph_constant_folding": False,
+        "size_asserts": False,
+        "aot_inductor.package_constants_in_so": False,
+        "aot_inductor.metadata": {"fusionlm_key": key},
+    }
+    if load_kernels():
+        options["post_grad_custom_post_pass"] = streaming_matvecs()
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+    try:
+        aoti_compile_and_package(program, package_path=str(partial), inductor_configs=options)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _readable(path: Path, key: str) -> bool:
+    """Whether ``path`` holds a loadable step named ``key`` (a broken one is removed)."""
+    if not path.is_file():
+        return False
+    try:
+        _load_package(str(path), path.stat().st_mtime_ns, key)
+    except StaleStepError as error:
+        warnings.warn(f"{error}; it will be rebuilt", RuntimeWarning, stacklevel=3)
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+class StaleStepError(Exception):
+    """A stored decode step that must not run: unreadable, or built for other settings."""
+
+
+@functools.lru_cache(maxsize=8)
+def _load_package(path: str, mtime_ns: int, key: str) -> torch._C._aoti.AOTIModelPackageLoader:
+    """The loaded package at ``path`` (once per process and version of the file).
+
+    AOTInductor's own loader is called directly: ``torch._inductor.aoti_load_package``
+    imports inductor (~1 s) and compiles probe programs to compare vector ISAs (~0.9 s, every
+    process), a check ``step_key`` already makes, while this loader takes ~5 ms. The compiled
+    tests run through it, so a torch that changes it fails them.
+    """
+    load_kernels()  # the package calls fusionlm's ops: register them first
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+        stored_key = loader.get_metadata().get("fusionlm_key")
+    except RuntimeError as error:
+        raise StaleStepError(
+            f"the stored decode step {path} is unreadable ({str(error).splitlines()[0]})"
+        ) from None
+    if stored_key != key:
+        raise StaleStepError(
+            f"the stored decode step {path} was built for other settings (key {stored_key})"
+        )
+    return loader
+
+
+def stored_step_path(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> Path:
+    """Where ``model``'s decode step for these settings is stored (or would be)."""
+    return cache_dir() / f"{step_key(model, batch_size=batch_size, cache_len=cache_len)}.pt2"
+
+
+class DecodeStep:
+    """One decode step of ``model`` over its fixed-shape KV cache, set up for this token
+    loop: the stored compiled step where there is one (``compile`` says what happens where
+    there is not, see ``CompileMode``), else eager. The math is the same either way.
+
+    A step that cannot be loaded or built (no C++ compiler, an unwritable cache directory,
+    a fusion model) warns once and decodes eagerly. Make one per token loop, after
+    ``setup_caches``: the compiled step is bound to this loop's caches.
+    """
+
+    def __init__(self, model: TransformerDecoder, *, compile: CompileMode) -> None:
+        self.model = model
+        self.runner = None
+        self.all_slots: Tensor | None = None
+        caches = [m for m in model.modules() if isinstance(m, KVCache)]
+        if compile is False or type(model) is not TransformerDecoder or not caches:
+            return
+        batch_size, cache_len = caches[0].batch_size, caches[0].max_seq_len
+        key = step_key(model, batch_size=batch_size, cache_len=cache_len)
+        path = cache_dir() / f"{key}.pt2"
+        try:
+            if compile is True:
+                compile_decode_step(model, batch_size=batch_size, cache_len=cache_len)
+            if not _readable(path, key):
+                return
+            runner = _load_package(str(path), path.stat().st_mtime_ns, key)
+            tensors = _named_tensors(model, prefix="model")
+            # The model's own tensors (user-managed: not copied), so the step writes its caches.
+            constants = {name: tensors[name] for name in runner.get_constant_fqns()}
+            runner.load_constants(constants, False, True, True)
+        except (OSError, RuntimeError, KeyError) as error:
+            warnings.warn(
+                f"decoding eagerly: the compiled decode step is not available ({error})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self.runner = runner
+        self.all_slots = torch.ones(batch_size, 1, 1, cache_len, dtype=torch.bool)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the steps run the compiled graph."""
+        return self.runner is not None
+
+    def __call__(
+        self,
+        tokens: Tensor,
+        *,
+        mask: Tensor | None,
+        encoder_mask: Tensor | None,
+        input_pos: Tensor,
+    ) -> Tensor:
+        """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``.
+        ``mask``: bool ``[b, 1, 1, cache length]`` or None (every filled slot)."""
+        if self.runner is not None:
+            (logits,) = self.runner.boxed_run(
+                [tokens, input_pos, self.all_slots if mask is None else mask]
+            )
+            return logits
+        return forward_step(
+            self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
+        )
 
 
 def streaming_matvecs() -> CustomGraphPass:
@@ -150,101 +475,13 @@ def streaming_matvecs() -> CustomGraphPass:
     return StreamingMatvecs()
 
 
-def tensor_layout(model: nn.Module) -> int:
-    """A hash of the name, shape, strides, dtype, device and ``requires_grad`` of every
-    parameter and buffer of ``model`` (its KV caches included)."""
-    return hash(
-        tuple(
-            (name, tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
-            for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-        )
-    )
-
-
-def _checked_by_layout(guard_entries: list) -> list[bool]:
-    """dynamo's guards minus the metadata checks of each parameter and buffer (``False`` =
-    skip), which ``tensor_layout`` makes once per graph instead of on every step."""
-    return [
-        not (
-            entry.guard_type == "TENSOR_MATCH"
-            and ("._parameters[" in entry.name or "._buffers[" in entry.name)
-        )
-        for entry in guard_entries
-    ]
-
-
-@functools.cache
-def compiled_forward_step(*, streaming_matvecs_pass: bool, layout: int) -> Callable[..., Tensor]:
-    """``forward_step`` compiled by inductor with the settings of the module doc, for the
-    models whose ``tensor_layout`` is ``layout``.
-
-    Each layout gets a copy of ``forward_step`` with its own code object (dynamo keeps its
-    graphs per code object), so a graph never runs on weights of another shape. The layout
-    covers the KV caches, so a batch size or cache length also gets its own copy; nearby
-    prompt lengths share one (``generation.CACHE_LENGTH_MULTIPLE``). ``streaming_matvecs_pass``
-    adds ``StreamingMatvecs`` (when the kernels built).
-    """
-    options: dict[str, object] = {"size_asserts": False, "guard_filter_fn": _checked_by_layout}
-    if streaming_matvecs_pass:
-        options["post_grad_custom_post_pass"] = streaming_matvecs()
-    step = types.FunctionType(forward_step.__code__.replace(), forward_step.__globals__)
-    compiled = torch.compile(step, dynamic=False, options=options)
-    return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)(compiled)
-
-
-class DecodeStep:
-    """One decode step of ``model``, compiled by inductor (``compile=True``) or eager.
-
-    If inductor cannot build the graph (typically: no C++ compiler), it warns once and
-    decodes eagerly from then on; nothing has run yet when compilation fails. Make one per
-    token loop, and do not change the model during it: only its first step checks that the
-    compiled graph still fits the model.
-    """
-
-    def __init__(self, model: TransformerDecoder, *, compile: bool) -> None:
-        self.model = model
-        self.guards_checked = False
-        # The compiled step for this model's layout, looked up once (None: eager).
-        self.compiled_step = (
-            compiled_forward_step(
-                streaming_matvecs_pass=load_kernels(), layout=tensor_layout(model)
-            )
-            if compile
-            else None
-        )
-
-    def __call__(
-        self,
-        tokens: Tensor,
-        *,
-        mask: Tensor | None,
-        encoder_mask: Tensor | None,
-        input_pos: Tensor,
-    ) -> Tensor:
-        """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
-        if self.compiled_step is not None:
-            try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=self.guards_checked):
-                    logits = self.compiled_step(
-                        self.model,
-                        tokens,
-                        mask=mask,
-                        encoder_mask=encoder_mask,
-                        input_pos=input_pos,
-                    )
-                self.guards_checked = True
-                return logits
-            except torch._dynamo.exc.BackendCompilerFailed as error:
-                warnings.warn(
-                    f"decoding eagerly: torch.compile could not build the decode step ({error}); "
-                    "install a C++ compiler (g++) for the fast path",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.compiled_step = None
-        return forward_step(
-            self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
-        )
-
-
-__all__ = ["DecodeStep", "compiled_forward_step", "forward_step"]
+__all__ = [
+    "DecodeStep",
+    "StaleStepError",
+    "build_in_progress",
+    "cache_dir",
+    "compile_decode_step",
+    "forward_step",
+    "step_key",
+    "stored_step_path",
+]

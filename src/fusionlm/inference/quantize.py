@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, MATVEC_MAX_ROWS, load_kernels
+from fusionlm.inference.weight_formats import WEIGHT_FORMATS
 from fusionlm.modules.decoder import TiedLinear
-
-WEIGHT_FORMATS = ("bf16", "int8")
 
 
 def _check_int8_width(in_features: int) -> None:

@@ -176,7 +176,15 @@ def llama(
             llama_layer(config, rope=rope, attn_backend=attn_backend, max_seq_len=max_seq_len)
             for _ in range(config.num_hidden_layers)
         ]
-        tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        tok_embeddings = (
+            nn.Embedding(config.vocab_size, config.hidden_size)
+            if init_weights
+            # No normal_() on the meta device: it goes through torch's reference ops, whose
+            # first use imports the compiler stack (about 1.4 s).
+            else nn.Embedding.from_pretrained(
+                torch.empty(config.vocab_size, config.hidden_size), freeze=False
+            )
+        )
         output = (
             TiedLinear(tok_embeddings)
             if config.tie_word_embeddings

@@ -8,7 +8,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import flex_attention
 
 from fusionlm.modules.kv_cache import KVCache
 from fusionlm.modules.masks import (
@@ -122,15 +121,11 @@ def sdpa_attention(
 ) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available).
 
-    A single query (a decode step) takes another path: on CPU the fused kernel costs ~3 ms
-    per call there, more than the whole layer's weights. With fp32 CPU tensors and no
-    autograd that is ``fusionlm.decode_attention`` (``fusionlm.inference.cpu_kernels``),
-    which reads only the keys the mask allows, so a fixed-length cache costs what it holds;
-    otherwise the grouped matmuls of ``eager_attention``.
+    A single query (a decode step) takes the grouped matmuls of ``eager_attention``: on CPU
+    the fused kernel costs ~3 ms per call there, more than the whole layer's weights.
+    (``fusionlm.inference.attention`` registers ``sdpa_cpu``, which has a kernel for it.)
     """
     if q.shape[2] == 1 and dropout == 0.0:
-        if _decode_kernel_serves(q, k, v, mask):
-            return torch.ops.fusionlm.decode_attention(q, k, v, mask, scale)
         return eager_attention(q, k, v, mask=mask, is_causal=False, scale=scale, dropout=0.0)
     return F.scaled_dot_product_attention(
         q,
@@ -142,28 +137,6 @@ def sdpa_attention(
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-
-
-def _decode_kernel_serves(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None) -> bool:
-    """Whether ``fusionlm.decode_attention`` computes this single-query call: fp32 CPU
-    tensors with contiguous rows, a dense mask or none, nothing to differentiate, and the
-    kernels built."""
-    tensors = (q, k, v)
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and all(t.stride(-1) == 1 for t in tensors)
-        and (mask is None or isinstance(mask, Tensor))
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and _cpu_kernels_built()
-    )
-
-
-@torch.compiler.assume_constant_result
-def _cpu_kernels_built() -> bool:
-    """``load_kernels()``, called as is when compiling (the result is fixed per process)."""
-    from fusionlm.inference.cpu_kernels import load_kernels
-
-    return load_kernels()
 
 
 @register_attention_backend("flex")
@@ -178,6 +151,8 @@ def flex_attention_backend(
     dropout: float,
 ) -> Tensor:
     """``torch.nn.attention.flex_attention`` with a ``BlockMask``; block-sparse, compiles well."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     if dropout > 0.0:
         raise ValueError(
             "the flex attention backend does not support attention dropout; use 'sdpa'"

@@ -19,13 +19,18 @@ convert between them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+if TYPE_CHECKING:
+    # Imported where a BlockMask is made: flex attention's module imports torch's compiler
+    # stack (about 1 s), which dense masks never need.
+    from torch.nn.attention.flex_attention import BlockMask
 
 MaskPredicate = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-AttentionMask = Tensor | BlockMask
+AttentionMask: TypeAlias = "Tensor | BlockMask"
 
 
 def causal() -> MaskPredicate:
@@ -154,6 +159,8 @@ def to_block_mask(
     ``batch_size=None`` makes a mask that broadcasts over the batch (the predicate must not
     depend on ``b``).
     """
+    from torch.nn.attention.flex_attention import create_block_mask
+
     device = device if device is not None else "cpu"
     return create_block_mask(
         _offset(predicate, q_offset), batch_size, None, q_len, kv_len, device=device
@@ -174,8 +181,10 @@ def as_bool_mask(mask: AttentionMask) -> Tensor:
 
 def as_block_mask(mask: AttentionMask) -> BlockMask:
     """A flex ``BlockMask`` from either representation; size-1 batch or head dims broadcast."""
-    if isinstance(mask, BlockMask):
+    if not isinstance(mask, Tensor):
         return mask
+    from torch.nn.attention.flex_attention import create_block_mask
+
     batch_size, heads, q_len, kv_len = mask.shape
     dense = mask
 

@@ -1,0 +1,46 @@
+"""Imports cost only what is used: no compiler stack for loading and generating, no torch
+for ``fusionlm --help``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+COMPILER_STACK = ("torch._dynamo", "torch._inductor")
+
+
+def imported_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(out.stdout.split())
+
+
+def test_loading_and_generating_do_not_import_the_compiler_stack(hf_llama_dir):
+    directory, _ = hf_llama_dir
+    modules = imported_after(
+        "import fusionlm\n"
+        f"model = fusionlm.load_model({str(directory)!r})\n"
+        "fusionlm.generate(model, [[1, 2, 3]], max_new_tokens=3)\n"
+    )
+    assert "fusionlm.generation" in modules
+    assert not {m for m in modules if m.startswith(COMPILER_STACK)}
+
+
+def test_import_fusionlm_imports_no_torch_until_a_name_is_used():
+    assert "torch" not in imported_after("import fusionlm")
+    assert "fusionlm.loading" in imported_after("import fusionlm\nfusionlm.load_model")
+
+
+def test_cli_help_and_usage_errors_import_no_torch():
+    for argv in (["--help"], ["generate", "--help"], ["generate", "--temperature"]):
+        modules = imported_after(
+            "from fusionlm.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        )
+        assert "fusionlm.cli" in modules
+        assert "torch" not in modules
