@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from fusionlm.cache import cache_root
+
 BASE_CONFIG: dict[str, Any] = {
     "vocab_size": 96,
     "hidden_size": 64,
@@ -60,13 +62,26 @@ def hf_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     return directory, make_hf_llama(directory)
 
 
+MACHINE_KERNELS = cache_root() / "kernels"
+"""This machine's builds of fusionlm's CPU kernels, which every test cache shares."""
+
+
+def empty_cache(directory: Path) -> Path:
+    """``directory`` as a fusionlm cache with no compiled decode steps, sharing this
+    machine's kernel builds (building them again would only cost time)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    MACHINE_KERNELS.mkdir(parents=True, exist_ok=True)
+    (directory / "kernels").symlink_to(MACHINE_KERNELS, target_is_directory=True)
+    return directory
+
+
 @pytest.fixture(scope="session", autouse=True)
 def step_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Compiled decode steps go to one directory of this session, which starts empty: with
     ``compile="auto"`` (the default) every test decodes eagerly over the fixed-shape cache,
     unless it builds a step (``compile=True``, marked ``compiled``); no command a test runs
-    starts a background build. The user's own cache is never read or written."""
-    directory = tmp_path_factory.mktemp("fusionlm-cache")
+    starts a background build. The user's own decode steps are never read or written."""
+    directory = empty_cache(tmp_path_factory.mktemp("fusionlm-cache"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FUSIONLM_CACHE_DIR", str(directory))
         patch.setenv("FUSIONLM_BACKGROUND_COMPILE", "0")

@@ -16,6 +16,7 @@ import fusionlm.inference.attention
 from fusionlm.generation import generate
 from fusionlm.inference import decode_step
 from fusionlm.inference.quantize import quantize
+from tests.conftest import empty_cache
 from tests.modules.test_decoder import tiny
 
 pytestmark = [pytest.mark.compiled, pytest.mark.slow]
@@ -136,7 +137,7 @@ def test_a_second_process_loads_the_stored_step_and_a_new_thread_count_rebuilds(
         f"model = fusionlm.load_model({str(directory)!r})\n"
         "print(fusionlm.generate(model, [[3, 1, 4, 1, 5]], max_new_tokens=12, compile=True))\n"
     )
-    env = {**os.environ, "FUSIONLM_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "FUSIONLM_CACHE_DIR": str(empty_cache(tmp_path))}
 
     def run(threads: int) -> subprocess.CompletedProcess:
         return subprocess.run(

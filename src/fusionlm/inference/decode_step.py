@@ -38,7 +38,6 @@ import hashlib
 import json
 import operator
 import os
-import platform
 import sys
 import time
 import warnings
@@ -49,6 +48,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
+from fusionlm.cache import cache_root, cpu_fingerprint
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS, load_kernels
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.kv_cache import KVCache
@@ -64,12 +64,9 @@ stored, else decode eagerly; ``False``: decode eagerly."""
 
 
 def cache_dir() -> Path:
-    """Where compiled decode steps are stored: ``$FUSIONLM_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/fusionlm`` (``~/.cache/fusionlm``), in ``decode-steps/``."""
-    root = os.environ.get("FUSIONLM_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "fusionlm"
-    )
-    return Path(root) / "decode-steps"
+    """Where compiled decode steps are stored: ``decode-steps/`` under ``cache_root()``
+    (``$FUSIONLM_CACHE_DIR``, else ``~/.cache/fusionlm``)."""
+    return cache_root() / "decode-steps"
 
 
 def forward_step(
@@ -125,21 +122,10 @@ def step_key(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> s
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": sys.version_info[:2],
-        "cpu": _cpu_fingerprint(),
+        "cpu": cpu_fingerprint(),
         "sources": _source_fingerprint(),
     }
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
-
-
-@functools.cache
-def _cpu_fingerprint() -> str:
-    """The CPU model and its instruction-set flags (the kernels are built for this CPU)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
-    return hashlib.sha256("\n".join(sorted(set(wanted))).encode()).hexdigest()
 
 
 @functools.cache
