@@ -18,7 +18,6 @@ from fusionlm.checkpoint.hf import (
     read_safetensors,
     write_hf_dir,
 )
-from fusionlm.checkpoint.mllama import load_mllama_dir
 from fusionlm.inference.attention import BACKEND as ATTENTION_BACKEND
 from fusionlm.inference.cpu_kernels import load_kernels
 from fusionlm.inference.quantize import quantize
@@ -122,6 +121,9 @@ def _load_hf_dir(
             f"{directory}: unsupported architecture model_type={model_type!r}; supported: {list(SUPPORTED_HF_MODEL_TYPES)}"
         )
     if model_type == "mllama":
+        # Imported here: the vision families' modules are not needed to load a text model.
+        from fusionlm.checkpoint.mllama import load_mllama_dir
+
         return load_mllama_dir(
             directory, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len
         )

@@ -12,10 +12,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import mmap
 import struct
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +106,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         FileNotFoundError: no such file.
         ValueError: not a GGUF file, or a truncated or corrupt one.
     """
-    with _mapped(path) as buf:
-        return _Parser(buf, path).header(with_tensors=False).metadata
+    return _header(path).metadata
 
 
 def read_gguf_config(path: Path) -> tuple[LlamaConfig, str]:
@@ -114,8 +115,8 @@ def read_gguf_config(path: Path) -> tuple[LlamaConfig, str]:
     Raises:
         the errors of ``read_gguf`` that the header alone can show.
     """
+    header = _header(path)
     with _mapped(path) as buf:
-        header = _Parser(buf, path).header(with_tensors=True)
         tensors = {t.name: t for t in header.tensors}
         return _config(header.metadata, tensors, buf=buf, path=path), _quantization(
             tensors.values()
@@ -137,22 +138,28 @@ def read_gguf(path: Path, *, dtype: torch.dtype) -> GGUFCheckpoint:
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating type, got {dtype}")
+    header = _header(path)
     with _mapped(path) as buf:
-        header = _Parser(buf, path).header(with_tensors=True)
         tensors = {t.name: t for t in header.tensors}
         config = _config(header.metadata, tensors, buf=buf, path=path)
         _check_names(tensors, path=path)
         _check_types(tensors.values(), path=path)
-        state_dict = {}
-        with _one_torch_thread():
+        workers = torch.get_num_threads()
+        with _one_torch_thread(), ThreadPoolExecutor(workers) as pool:
+            loading = {}
             for info in tensors.values():
                 if info.name == _ROPE_FREQS:
                     continue
                 ours = GGUF_LLAMA_KEYS.to_ours(info.name)
                 assert ours is not None  # _check_names
-                state_dict[ours] = _load_tensor(
-                    buf, info, dtype=dtype, permute_heads=_permuted_heads(ours, config)
+                loading[ours] = pool.submit(
+                    _load_tensor,
+                    buf,
+                    info,
+                    dtype=dtype,
+                    permute_heads=_permuted_heads(ours, config),
                 )
+            state_dict = {ours: future.result() for ours, future in loading.items()}
     return GGUFCheckpoint(
         config=config,
         state_dict=state_dict,
@@ -177,6 +184,23 @@ class _TensorInfo:
 class _Header:
     metadata: dict[str, Any]
     tensors: list[_TensorInfo]
+
+
+def _header(path: Path) -> _Header:
+    """The parsed header of ``path`` (metadata and tensor table), parsed once per version of
+    the file: loading a model and then its tokenizer reads the header twice. Shared between
+    callers: read-only."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    stat = path.stat()
+    return _parsed_header(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_header(path: Path, mtime_ns: int, size: int) -> _Header:
+    with _mapped(path) as buf:
+        return _Parser(buf, path).header(with_tensors=True)
 
 
 @contextlib.contextmanager
@@ -310,7 +334,23 @@ class _Parser:
             values = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).tolist()
             self.pos += n * dtype.itemsize
             return values
+        if item_type == GGUFValueType.STRING:
+            return self._strings(n)
         return [self._value(item_type) for _ in range(n)]
+
+    def _strings(self, n: int) -> list[str]:
+        """``n`` strings in a row (a vocabulary: 50-250k of them), in one tight loop."""
+        buf, pos, end, strings = self.buf, self.pos, len(self.buf), []
+        length, append = struct.Struct("<Q").unpack_from, strings.append
+        for _ in range(n):
+            (size,) = length(buf, pos)
+            pos += 8
+            if pos + size > end:
+                raise ValueError(f"a string of {size} bytes runs past the end of the file")
+            append(buf[pos : pos + size].decode("utf-8"))
+            pos += size
+        self.pos = pos
+        return strings
 
 
 def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType | int) -> int:
@@ -563,6 +603,8 @@ def _one_torch_thread() -> Iterator[None]:
     Dequantization is thousands of short, memory-bound ops. With intra-op threads, each op ends
     in a barrier, and when another process holds a core a barrier waits out a scheduler slice:
     on 2 shared cores SmolLM2 took 1.5-10 s instead of 0.4 s; one thread takes 0.5-0.7 s always.
+    ``read_gguf`` uses the cores by dequantizing whole tensors side by side instead (threads
+    that never wait on each other).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
