@@ -1,5 +1,5 @@
 """``python -m fusionlm`` is the ``fusionlm`` command."""
 
-from fusionlm.cli import main
+from fusionlm.cli import run
 
-raise SystemExit(main())
+run()

@@ -30,6 +30,23 @@ class UsageError(Exception):
     """A mistake in how the command was called."""
 
 
+# Commands that leave nothing to finish once their output is flushed (no files to close,
+# no workers to join): the ``fusionlm`` executable ends them with ``os._exit``. The orderly
+# teardown of an interpreter that imported torch takes ~0.4 s here, a sixth of a short reply.
+ENDS_AT_ONCE = ("generate", "chat", "info", "bench", "eval")
+
+
+def run() -> None:
+    """The ``fusionlm`` executable: ``main``, then exit."""
+    argv = sys.argv[1:]
+    status = main(argv)
+    if argv and argv[0] in ENDS_AT_ONCE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -462,4 +479,4 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
