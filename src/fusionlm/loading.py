@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from fusionlm.checkpoint.hf import (
 )
 from fusionlm.inference.attention import BACKEND as ATTENTION_BACKEND
 from fusionlm.inference.cpu_kernels import load_kernels
-from fusionlm.inference.quantize import quantize
+from fusionlm.inference.quantize import linear_weights_in_format, quantize
 from fusionlm.inference.weight_formats import QUANTIZATIONS
 from fusionlm.models.llama import LlamaConfig, llama
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS, resolve
@@ -71,14 +72,9 @@ def load_model(
     if path.is_dir():
         model = _load_hf_dir(path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len)
     elif path.suffix == ".gguf" and path.is_file():
-        checkpoint = read_gguf(path, dtype=dtype)
-        model = llama(
-            checkpoint.config,
-            attn_backend=attn_backend,
-            max_seq_len=max_seq_len,
-            init_weights=False,
-        )
-        assign_weights(model, checkpoint.state_dict, source=str(path))
+        return _load_gguf(
+            path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len, quant=quant
+        ).eval()
     elif path.exists():
         raise ValueError(
             f"{path}: unsupported format; fusionlm reads .gguf files and transformers directories"
@@ -109,6 +105,27 @@ def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> Tokenizer:
             f"{path}: unsupported format; fusionlm reads .gguf files and transformers directories"
         )
     raise FileNotFoundError(f"no tokenizer at {path}")
+
+
+def _load_gguf(
+    path: Path, *, dtype: torch.dtype, attn_backend: str, max_seq_len: int | None, quant: str
+) -> TransformerDecoder:
+    """A GGUF file's model, its linears converted to ``quant`` tensor by tensor as they are
+    read: peak memory stays near the final model's size, not the float model's."""
+    convert = None if quant == "none" else functools.partial(linear_weights_in_format, format=quant)
+    checkpoint = read_gguf(path, dtype=dtype, convert=convert)
+    model = llama(
+        checkpoint.config, attn_backend=attn_backend, max_seq_len=max_seq_len, init_weights=False
+    )
+    state_dict = checkpoint.state_dict
+    if quant != "none":
+        quantize(model, quant)  # on the meta device: the layers' structure only
+        if checkpoint.config.tie_word_embeddings:
+            # A tied head streams the whole vocabulary matrix per step: its own copy in `quant`.
+            embedding = state_dict["tok_embeddings.weight"]
+            state_dict |= linear_weights_in_format("output.weight", embedding, format=quant)
+    assign_weights(model, state_dict, source=str(path))
+    return model
 
 
 def _load_hf_dir(

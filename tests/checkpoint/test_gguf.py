@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fusionlm.checkpoint.gguf import GGUF_LLAMA_KEYS, read_gguf, read_gguf_metadata
-from fusionlm.loading import assign_weights
+from fusionlm.inference.quantize import linear_weights_in_format, quantize
+from fusionlm.loading import assign_weights, load_model
 from fusionlm.models.llama import llama
 from tests.conftest import make_hf_llama
 
@@ -459,3 +460,30 @@ def test_unmappable_rope_freqs(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", hf, edit=freqs)
     with pytest.raises(ValueError, match=r"rope_freqs.weight does not follow llama3"):
         read_gguf(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+def test_weight_only_load_converts_tensor_by_tensor_to_the_quantized_model(
+    tmp_path: Path, quant: str, tied: bool
+) -> None:
+    """``load_model(quant=...)`` of a GGUF converts each tensor as it reads it (never the
+    whole float model at once) into exactly the model that quantizing the float load gives."""
+    hf = make_hf_llama(tmp_path / "m", **SMALL, tie_word_embeddings=tied)
+    path = write_gguf(tmp_path / "m.gguf", hf, qtype=Q.Q4_1)
+    read = []
+
+    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        read.append(name)
+        return linear_weights_in_format(name, tensor, format=quant)
+
+    checkpoint = read_gguf(path, dtype=torch.float32, convert=convert)
+    assert sorted(read) == sorted(read_gguf(path, dtype=torch.float32).state_dict)
+    dtype = torch.int8 if quant == "int8" else torch.bfloat16
+    assert checkpoint.state_dict["layers.0.attn.q_proj.weight"].dtype == dtype
+    assert checkpoint.state_dict["tok_embeddings.weight"].dtype == torch.float32
+    expected = quantize(load_model(path), quant).state_dict()
+    actual = load_model(path, quant=quant).state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name

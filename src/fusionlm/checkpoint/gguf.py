@@ -16,7 +16,7 @@ import functools
 import math
 import mmap
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -123,12 +123,20 @@ def read_gguf_config(path: Path) -> tuple[LlamaConfig, str]:
         )
 
 
-def read_gguf(path: Path, *, dtype: torch.dtype) -> GGUFCheckpoint:
+def read_gguf(
+    path: Path,
+    *,
+    dtype: torch.dtype,
+    convert: Callable[[str, Tensor], dict[str, Tensor]] | None = None,
+) -> GGUFCheckpoint:
     """Read a ``general.architecture = llama`` GGUF file.
 
     Args:
         path: the ``.gguf`` file.
         dtype: the floating dtype of the returned tensors.
+        convert: called with each tensor (our name, dequantized to ``dtype``) as soon as it is
+            read; what it returns goes into the state dict in its place. A loader that
+            quantizes converts tensor by tensor, never holding the whole float model.
 
     Raises:
         FileNotFoundError: no such file.
@@ -153,13 +161,9 @@ def read_gguf(path: Path, *, dtype: torch.dtype) -> GGUFCheckpoint:
                 ours = GGUF_LLAMA_KEYS.to_ours(info.name)
                 assert ours is not None  # _check_names
                 loading[ours] = pool.submit(
-                    _load_tensor,
-                    buf,
-                    info,
-                    dtype=dtype,
-                    permute_heads=_permuted_heads(ours, config),
+                    _read_tensor, buf, info, ours, dtype=dtype, config=config, convert=convert
                 )
-            state_dict = {ours: future.result() for ours, future in loading.items()}
+            state_dict = {k: v for future in loading.values() for k, v in future.result().items()}
     return GGUFCheckpoint(
         config=config,
         state_dict=state_dict,
@@ -612,6 +616,20 @@ def _one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _read_tensor(
+    buf: mmap.mmap,
+    info: _TensorInfo,
+    ours: str,
+    *,
+    dtype: torch.dtype,
+    config: LlamaConfig,
+    convert: Callable[[str, Tensor], dict[str, Tensor]] | None,
+) -> dict[str, Tensor]:
+    """One tensor of the file under our name, through ``convert`` if given."""
+    tensor = _load_tensor(buf, info, dtype=dtype, permute_heads=_permuted_heads(ours, config))
+    return {ours: tensor} if convert is None else convert(ours, tensor)
 
 
 def _load_tensor(

@@ -10,6 +10,9 @@ from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, MATVEC_MAX_ROWS, loa
 from fusionlm.inference.weight_formats import WEIGHT_FORMATS
 from fusionlm.modules.decoder import TiedLinear
 
+QUANTIZE_ROWS = 2048
+"""Rows quantized at a time (bounds the float temporaries to a few MB per block)."""
+
 
 def _check_int8_width(in_features: int) -> None:
     if in_features % INT8_GROUP_SIZE:
@@ -67,23 +70,12 @@ class WeightOnlyLinear(nn.Module):
     def from_float(
         cls, weight: Tensor, bias: Tensor | None = None, *, format: str
     ) -> WeightOnlyLinear:
-        """Round a float ``[out, in]`` weight to bf16, or quantize it to int8 symmetrically per
-        group of 32 inputs (``scale = max|w| / 127`` over the group, so every weight is off
-        by at most half a step).
+        """A layer computing with ``weight`` stored in ``format`` (see ``weight_in_format``).
 
         Raises:
             ValueError: an unknown ``format``; int8 with ``in`` not a multiple of 32.
         """
-        if format not in WEIGHT_FORMATS:
-            raise ValueError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
-        w = weight.detach().float()
-        if format == "bf16":
-            return cls(w.bfloat16(), bias=bias)
-        _check_int8_width(w.shape[1])
-        groups = w.view(w.shape[0], -1, INT8_GROUP_SIZE)
-        scale = (groups.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
-        q = (groups / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
-        return cls(q.view(w.shape), scale, bias)
+        return cls(*weight_in_format(weight, format=format), bias)
 
     @property
     def format(self) -> str:
@@ -118,6 +110,53 @@ class WeightOnlyLinear(nn.Module):
         )
 
 
+def weight_in_format(weight: Tensor, *, format: str) -> tuple[Tensor, Tensor | None]:
+    """A float ``[out, in]`` weight as ``WeightOnlyLinear`` stores it: rounded to bf16 (no
+    scale), or int8 quantized symmetrically per group of 32 inputs with fp32 scales
+    ``[out, in / 32]`` (``scale = max|w| / 127`` over the group, so every weight is off by
+    at most half a step).
+
+    Raises:
+        ValueError: an unknown ``format``; int8 with ``in`` not a multiple of 32.
+    """
+    if format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
+    w = weight.detach()
+    if format == "bf16":
+        return w.bfloat16(), None
+    out_features, in_features = w.shape
+    _check_int8_width(in_features)
+    if w.is_meta:  # the layers' structure only, for a loader that assigns weights next
+        return (
+            torch.empty(w.shape, dtype=torch.int8, device="meta"),
+            torch.empty(out_features, in_features // INT8_GROUP_SIZE, device="meta"),
+        )
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(out_features, in_features // INT8_GROUP_SIZE)
+    # In blocks of rows, so the float temporaries stay small beside a large matrix.
+    for start in range(0, out_features, QUANTIZE_ROWS):
+        rows = slice(start, start + QUANTIZE_ROWS)
+        groups = w[rows].float().view(-1, in_features // INT8_GROUP_SIZE, INT8_GROUP_SIZE)
+        scale[rows] = (groups.abs().amax(dim=-1) / 127.0).clamp_(min=1e-12)
+        scaled = groups / scale[rows, :, None]
+        q[rows] = scaled.round_().clamp_(-127, 127).view(-1, in_features).to(torch.int8)
+    return q, scale
+
+
+def linear_weights_in_format(name: str, tensor: Tensor, *, format: str) -> dict[str, Tensor]:
+    """One checkpoint tensor as ``quantize(model, format)`` stores it: a linear layer's
+    weight (any 2-D ``*.weight`` but the token embedding) becomes ``name`` in ``format``
+    plus its ``*.scale`` for int8; every other tensor stays as it is. Lets a loader convert
+    each tensor as it reads it, never holding the whole float model."""
+    if tensor.dim() != 2 or not name.endswith(".weight") or name == "tok_embeddings.weight":
+        return {name: tensor}
+    weight, scale = weight_in_format(tensor, format=format)
+    converted = {name: weight}
+    if scale is not None:
+        converted[name.removesuffix("weight") + "scale"] = scale
+    return converted
+
+
 def quantize(model: nn.Module, format: str) -> nn.Module:
     """Replace every ``nn.Linear`` (and a tied output projection) by a ``WeightOnlyLinear`` of
     ``format`` (``"bf16"`` or ``"int8"``), in place.
@@ -143,4 +182,10 @@ def quantize(model: nn.Module, format: str) -> nn.Module:
     return model
 
 
-__all__ = ["WEIGHT_FORMATS", "WeightOnlyLinear", "quantize"]
+__all__ = [
+    "WEIGHT_FORMATS",
+    "WeightOnlyLinear",
+    "linear_weights_in_format",
+    "quantize",
+    "weight_in_format",
+]
