@@ -142,7 +142,7 @@ def contention(args: argparse.Namespace) -> None:
     for mode in args.modes.split(","):
         fusionlm = [
             *FUSIONLM, "bench", "--json", "--compile", *MODES[mode][0], "--threads",
-            str(args.threads), "--repeats", "2", "--prefill-len", "16",
+            str(args.threads), "--repeats", "2", "--prefill-len", "64",
         ]  # fmt: skip
         llama_cpp = [sys.executable, __file__, "--decode-child", MODES[mode][1]]
         llama_cpp += ["--threads", str(args.threads)]
@@ -177,7 +177,7 @@ def main() -> None:
         return
     if args.decode_child:
         settings = argparse.Namespace(
-            threads=args.threads, prompt_len=32, new_tokens=64, prefill_len=16
+            threads=args.threads, prompt_len=32, new_tokens=64, prefill_len=128
         )
         print(json.dumps(measure_llama_cpp(args.decode_child, settings)))
         return

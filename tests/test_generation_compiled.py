@@ -16,6 +16,7 @@ import fusionlm.inference.attention
 from fusionlm.generation import generate
 from fusionlm.inference import decode_step
 from fusionlm.inference.quantize import quantize
+from fusionlm.inference.threads import ThreadPlanner
 from tests.conftest import empty_cache
 from tests.modules.test_decoder import tiny
 
@@ -82,6 +83,18 @@ def step_logits(decoder, prompt: list[int], continuation: list[int], *, compile)
             )
     finally:
         decoder.remove_caches()
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two threads")
+def test_a_compiled_step_gives_the_same_logits_on_one_thread(monkeypatch):
+    """The thread planner may run any step on one thread: every kernel computes each output
+    element on one thread, so the count changes who works, not the sums."""
+    decoder = model()
+    continuation = generate(decoder, [PROMPTS[0]], max_new_tokens=12, compile=False)[0]
+    two = step_logits(decoder, PROMPTS[0], continuation, compile=True)
+    monkeypatch.setattr(ThreadPlanner, "next_threads", lambda self: 1)
+    one = step_logits(decoder, PROMPTS[0], continuation, compile=True)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("format", ["bf16", "int8"])

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from fusionlm.cache import cache_root, cpu_fingerprint
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS, load_kernels
+from fusionlm.inference.threads import ThreadPlanner
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.kv_cache import KVCache
 
@@ -302,7 +303,9 @@ def stored_step_path(model: TransformerDecoder, *, batch_size: int, cache_len: i
 class DecodeStep:
     """One decode step of ``model`` over its fixed-shape KV cache, set up for this token
     loop: the stored compiled step where there is one (``compile`` says what happens where
-    there is not, see ``CompileMode``), else eager. The math is the same either way.
+    there is not, see ``CompileMode``), else eager. The math is the same either way. Each
+    step runs on all of torch's threads or on one, whichever is faster now (``ThreadPlanner``:
+    on shared cores, one thread that never waits beats two that wait on each other).
 
     A step that cannot be loaded or built (no C++ compiler, an unwritable cache directory,
     a fusion model) warns once and decodes eagerly. Make one per token loop, after
@@ -313,6 +316,7 @@ class DecodeStep:
         self.model = model
         self.runner = None
         self.all_slots: Tensor | None = None
+        self.threads = ThreadPlanner(torch.get_num_threads())
         caches = [m for m in model.modules() if isinstance(m, KVCache)]
         if compile is False or type(model) is not TransformerDecoder or not caches:
             return
@@ -354,14 +358,15 @@ class DecodeStep:
     ) -> Tensor:
         """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``.
         ``mask``: bool ``[b, 1, 1, cache length]`` or None (every filled slot)."""
-        if self.runner is not None:
-            (logits,) = self.runner.boxed_run(
-                [tokens, input_pos, self.all_slots if mask is None else mask]
+        with self.threads.step():
+            if self.runner is not None:
+                (logits,) = self.runner.boxed_run(
+                    [tokens, input_pos, self.all_slots if mask is None else mask]
+                )
+                return logits
+            return forward_step(
+                self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
             )
-            return logits
-        return forward_step(
-            self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
-        )
 
 
 def streaming_matvecs() -> CustomGraphPass:
