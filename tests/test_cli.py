@@ -13,7 +13,9 @@ import torch
 import fusionlm
 from fusionlm import cli
 from fusionlm.cli import main
+from fusionlm.inference.decode_step import stored_step_path
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS
+from tests.conftest import empty_cache
 
 
 @pytest.mark.slow
@@ -169,6 +171,9 @@ def test_a_run_without_a_stored_step_decodes_eagerly_and_builds_it_for_the_next(
     monkeypatch.setattr(cli, "start_detached", lambda command, log: started.append(command))
     argv = ["generate", "What is the capital of France?", "--max-new-tokens", "8"]
     argv += ["--threads", "2", "--model", DEFAULT_MODEL]
+    torch.set_num_threads(2)
+    step = stored_step_path(fusionlm.load_model(), batch_size=1, cache_len=256)
+    step.unlink(missing_ok=True)  # another test may have built it in this session's cache
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "| eager decode |" in err
@@ -181,3 +186,21 @@ def test_a_run_without_a_stored_step_decodes_eagerly_and_builds_it_for_the_next(
     out, err = capsys.readouterr()
     assert "Paris" in out and "| compiled decode |" in err
     assert "background" not in err
+
+
+def test_a_failed_background_build_is_not_started_again(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSIONLM_CACHE_DIR", str(empty_cache(tmp_path)))
+    monkeypatch.setenv("FUSIONLM_BACKGROUND_COMPILE", "1")
+    started = []
+
+    def failing_build(command: list[str], log) -> None:
+        started.append(command)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("fusionlm: error: g++ not found\n")
+
+    monkeypatch.setattr(cli, "start_detached", failing_build)
+    argv = ["generate", "Hi", "--max-new-tokens", "2", "--threads", "2"]
+    assert main(argv) == 0
+    assert main(argv) == 0
+    assert len(started) == 1
+    assert "the last build of the compiled decode step failed" in capsys.readouterr().err

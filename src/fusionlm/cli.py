@@ -273,10 +273,19 @@ def _stored_step(model, cache_len: int):  # -> Path | None: None for models that
 
 def _build_step_in_background(args: argparse.Namespace, step, cache_len: int) -> None:
     """Start ``fusionlm compile`` for the step this run decoded without, detached and at low
-    priority, so later runs load it; ``FUSIONLM_BACKGROUND_COMPILE=0`` turns this off."""
+    priority, so later runs load it; ``FUSIONLM_BACKGROUND_COMPILE=0`` turns this off. A build
+    that ran and left no step (its log is there) is not started again by itself."""
     from fusionlm.inference.decode_step import build_in_progress
 
     if os.environ.get("FUSIONLM_BACKGROUND_COMPILE", "1") == "0" or build_in_progress(step):
+        return
+    log = step.with_suffix(".log")
+    if log.is_file():
+        print(
+            f"fusionlm: decoded eagerly; the last build of the compiled decode step failed "
+            f"(see {log}); `fusionlm compile` tries again",
+            file=sys.stderr,
+        )
         return
     import torch
 
@@ -288,13 +297,13 @@ def _build_step_in_background(args: argparse.Namespace, step, cache_len: int) ->
         "--threads", str(torch.get_num_threads()), "--cache-len", str(cache_len),
     ]  # fmt: skip
     try:
-        start_detached(command, log=step.with_suffix(".log"))
+        start_detached(command, log=log)
     except OSError as error:
         print(f"fusionlm: not building the decode step ({error})", file=sys.stderr)
         return
     print(
         "fusionlm: decoded eagerly; building the compiled decode step in the background "
-        f"for later runs (about a minute; log: {step.with_suffix('.log')})",
+        f"for later runs (about a minute; log: {log})",
         file=sys.stderr,
     )
 

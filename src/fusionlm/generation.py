@@ -238,7 +238,7 @@ def generate_tokens(
     # A decode step attends to every filled slot except padding; the cache itself hides the
     # unfilled ones (by trimming, or by a mask when its shape is fixed).
     step_mask = keep[:, None, None, :] if padded else None
-    step = DecodeStep(model, compile=compile)
+    step: DecodeStep | None = None  # made once a step is needed: after the first token is out
     step_encoder_mask = encoder_mask[:, -1:] if encoder_mask is not None else None
 
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -264,6 +264,8 @@ def generate_tokens(
                     return
                 history = torch.cat([history, next_tokens[:, None]], dim=1)
                 position = position + 1
+                if step is None:
+                    step = DecodeStep(model, compile=compile)
                 logits = step(
                     next_tokens[:, None],
                     mask=step_mask,

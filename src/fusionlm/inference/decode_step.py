@@ -185,6 +185,7 @@ def compile_decode_step(
         )
         started = time.perf_counter()
         _build(model, key=key, path=path, batch_size=batch_size, cache_len=cache_len)
+        path.with_suffix(".log").unlink(missing_ok=True)  # a failed background build's log
         print(
             f"fusionlm: compiled the decode step in {time.perf_counter() - started:.1f} s",
             file=sys.stderr,
@@ -233,7 +234,8 @@ def _build(
             torch.zeros(batch_size, 1, dtype=torch.long),
             torch.ones(batch_size, 1, 1, cache_len, dtype=torch.bool),
         )
-        with torch.no_grad():
+        # A token loop may ask for its step inside inference mode, which export does not trace.
+        with torch.inference_mode(False), torch.no_grad():
             program = torch.export.export(_StepGraph(model), example, strict=False)
     finally:
         if not had_caches:
