@@ -309,9 +309,10 @@ class DecodeStep:
     step runs on all of torch's threads or on one, whichever is faster now (``ThreadPlanner``:
     on shared cores, one thread that never waits beats two that wait on each other).
 
-    A step that cannot be loaded or built (no C++ compiler, an unwritable cache directory,
-    a fusion model) warns once and decodes eagerly. Make one per token loop, after
-    ``setup_caches``: the compiled step is bound to this loop's caches.
+    A step that cannot be loaded or built (no C++ compiler, an unwritable cache directory)
+    warns once and decodes eagerly; a fusion model decodes eagerly. Make one per token loop,
+    after ``setup_caches``: the compiled step is bound to this loop's weights and caches, so a
+    process runs one token loop at a time per stored step (a later ``DecodeStep`` rebinds it).
     """
 
     def __init__(self, model: TransformerDecoder, *, compile: CompileMode) -> None:
