@@ -13,6 +13,7 @@ import torch
 import fusionlm
 from fusionlm import cli
 from fusionlm.cli import main
+from fusionlm.inference import decode_step
 from fusionlm.inference.decode_step import stored_step_path
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS
 from tests.conftest import empty_cache
@@ -204,3 +205,28 @@ def test_a_failed_background_build_is_not_started_again(capsys, monkeypatch, tmp
     assert main(argv) == 0
     assert len(started) == 1
     assert "the last build of the compiled decode step failed" in capsys.readouterr().err
+
+
+def test_chat_answers_each_turn_and_starts_one_build_of_the_missing_step(
+    capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("FUSIONLM_CACHE_DIR", str(empty_cache(tmp_path)))
+    monkeypatch.setenv("FUSIONLM_BACKGROUND_COMPILE", "1")
+    lines = iter(["What is the capital of France?", "/reset", "What is the capital of France?"])
+
+    def typed(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    started = []
+    monkeypatch.setattr("builtins.input", typed)
+    monkeypatch.setattr(cli, "start_detached", lambda command, log: started.append(command))
+    monkeypatch.setattr(decode_step, "build_in_progress", lambda step: bool(started))
+    assert main(["chat", "--max-new-tokens", "12", "--threads", "2"]) == 0
+    out, err = capsys.readouterr()
+    first, second = out.strip().splitlines()
+    assert "Paris" in first and second == first  # /reset: the same question, the same context
+    assert "(history cleared)" in err
+    assert len(started) == 1  # the second turn finds the build under way

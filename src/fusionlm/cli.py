@@ -341,15 +341,23 @@ def run_generate(args: argparse.Namespace) -> int:
     if images and image_token is not None and image_token not in ids:
         # A raw prompt without image tokens: the images come first, as Llama 3.2 Vision's.
         ids = [image_token] * len(images) + ids
-    cache_len = _step_cache_len(model, len(ids), args)
-    step = _stored_step(model, cache_len) if args.compile is not False else None
-    stored = step is not None and step.is_file()
+    step = _stored_step(model, _step_cache_len(model, len(ids), args))
+    mode = "compiled" if args.compile is not False and step and step.is_file() else "eager"
     _, stats = _stream_reply(model, tokenizer, ids, args, images=images)
-    mode = "compiled" if stored else "eager"
     print(f"load {load_s:.2f} s | {mode} decode | {stats.summary()}", file=sys.stderr)
+    _build_missing_step(args, model, len(ids))
+    return 0
+
+
+def _build_missing_step(args: argparse.Namespace, model, prompt_len: int) -> None:
+    """After a reply that decoded without a stored compiled step, start building it (unless
+    ``--no-compile``), so the next reply of this length class has it."""
+    if args.compile is False:
+        return
+    cache_len = _step_cache_len(model, prompt_len, args)
+    step = _stored_step(model, cache_len)
     if step is not None and not step.is_file():
         _build_step_in_background(args, step, cache_len)
-    return 0
 
 
 def _load_images(paths: Sequence[str]) -> list:
@@ -387,11 +395,11 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         turns.append({"role": "user", "content": line})
         text = tokenizer.apply_chat_template(_messages(args, turns))
-        reply, stats = _stream_reply(
-            model, tokenizer, tokenizer.encode(text, add_special_tokens=False), args
-        )
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        reply, stats = _stream_reply(model, tokenizer, ids, args)
         turns.append({"role": "assistant", "content": reply})
         print(f"[{stats.summary()}]", file=sys.stderr)
+        _build_missing_step(args, model, len(ids))  # a later turn loads it once it is built
 
 
 def run_convert(args: argparse.Namespace) -> int:
