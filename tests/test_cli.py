@@ -139,6 +139,7 @@ def test_bench_prints_one_json_object(capsys):
         "1",
         "--quant",
         "int8",
+        "--no-compile",
     ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)

@@ -18,9 +18,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fusionlm.inference.weight_formats import QUANTIZATIONS
 from fusionlm.models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # imported where used: parsing needs none of them
+    import torch
+
+    from fusionlm.generation import GenerationStats, SamplingParams
+    from fusionlm.modules.decoder import TransformerDecoder
+    from fusionlm.tokenizer import Tokenizer
 
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -98,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         default="auto",
-        help="compile the decode step now if it is not stored yet (about a minute, once); "
-        "by default a stored step is used, else this run decodes eagerly and the step "
-        "is built in the background for later runs",
+        help="use the compiled decode step, building it first if it is not stored (about a "
+        "minute, once). Without this or --no-compile, generate and chat use a stored step, "
+        "or decode eagerly and build it in the background; bench builds it",
     )
     compiling.add_argument(
         "--no-compile",
@@ -200,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sampling(args: argparse.Namespace):  # -> SamplingParams
+def _sampling(args: argparse.Namespace) -> SamplingParams:
     from fusionlm.generation import SamplingParams
 
     return SamplingParams(
@@ -212,13 +220,13 @@ def _sampling(args: argparse.Namespace):  # -> SamplingParams
     )
 
 
-def _dtype(args: argparse.Namespace):  # -> torch.dtype
+def _dtype(args: argparse.Namespace) -> torch.dtype:
     import torch
 
     return getattr(torch, args.dtype)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> tuple[TransformerDecoder, Tokenizer, float]:
     from fusionlm.loading import load_model, load_tokenizer
 
     started = time.perf_counter()
@@ -231,7 +239,14 @@ def _messages(args: argparse.Namespace, turns: list[dict[str, str]]) -> list[dic
     return ([{"role": "system", "content": args.system}] if args.system else []) + turns
 
 
-def _stream_reply(model, tokenizer, ids: list[int], args: argparse.Namespace, *, images=()):
+def _stream_reply(
+    model: TransformerDecoder,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    args: argparse.Namespace,
+    *,
+    images: Sequence = (),
+) -> tuple[str, GenerationStats]:
     """Stream the reply to stdout; returns its text and ``GenerationStats``."""
     from fusionlm.generation import GenerationStats, generate_stream
 
@@ -256,13 +271,15 @@ def _stream_reply(model, tokenizer, ids: list[int], args: argparse.Namespace, *,
     return "".join(pieces), stats
 
 
-def _step_cache_len(model, prompt_len: int, args: argparse.Namespace) -> int:
+def _step_cache_len(model: TransformerDecoder, prompt_len: int, args: argparse.Namespace) -> int:
     from fusionlm.generation import cache_length
 
     return cache_length(min(prompt_len + args.max_new_tokens, model.max_seq_len), model.max_seq_len)
 
 
-def _stored_step(model, cache_len: int):  # -> Path | None: None for models that decode eagerly
+def _stored_step(model: TransformerDecoder, cache_len: int) -> Path | None:
+    """Where the model's batch-1 step for ``cache_len`` is stored; None for a model that
+    decodes eagerly (a fusion model)."""
     from fusionlm.inference.decode_step import stored_step_path
     from fusionlm.modules.decoder import TransformerDecoder
 
@@ -271,7 +288,7 @@ def _stored_step(model, cache_len: int):  # -> Path | None: None for models that
     return stored_step_path(model, batch_size=1, cache_len=cache_len)
 
 
-def _build_step_in_background(args: argparse.Namespace, step, cache_len: int) -> None:
+def _build_step_in_background(args: argparse.Namespace, step: Path, cache_len: int) -> None:
     """Start ``fusionlm compile`` for the step this run decoded without, detached and at low
     priority, so later runs load it; ``FUSIONLM_BACKGROUND_COMPILE=0`` turns this off. A build
     that ran and left no step (its log is there) is not started again by itself."""
@@ -349,7 +366,9 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_missing_step(args: argparse.Namespace, model, prompt_len: int) -> None:
+def _build_missing_step(
+    args: argparse.Namespace, model: TransformerDecoder, prompt_len: int
+) -> None:
     """After a reply that decoded without a stored compiled step, start building it (unless
     ``--no-compile``), so the next reply of this length class has it."""
     if args.compile is False:
@@ -427,6 +446,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from fusionlm.inference.benchmark import benchmark
 
+    # The fast path unless told otherwise: built if not stored (the warm-up shows the cost).
+    compile_step = True if args.compile == "auto" else args.compile
     result = benchmark(
         args.model,
         dtype=_dtype(args),
@@ -435,14 +456,14 @@ def run_bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         prefill_len=args.prefill_len,
         repeats=args.repeats,
-        compile=args.compile,
+        compile=compile_step,
     )
     fields = {
         "model": args.model,
         "dtype": args.dtype,
         "quant": args.quant,
         "threads": torch.get_num_threads(),
-        "compile": args.compile,
+        "compile": compile_step,
         **dataclasses.asdict(result),
     }
     if args.json:
