@@ -5,7 +5,7 @@ A decode step feeds one token per row through every layer over a fixed-shape KV 
 (``KVCache(fixed_shape=True)``), so every step has the same shapes and runs one graph.
 ``torch.export`` captures that graph and AOTInductor compiles it into a shared library
 with a C++ wrapper (no Python between the ~150 kernel calls of a step), stored as a
-``.pt2`` package under ``cache_dir()``. Later processes load the package in about a second
+``.pt2`` package under ``cache_dir()``. Later processes load the package in milliseconds
 instead of tracing and compiling again; the weights are not in it: a loaded step is bound
 to the model's own tensors (and its KV cache) for each token loop.
 
@@ -14,8 +14,8 @@ numbers: the model's structure (every module's class and plain attributes, so a 
 ``scale`` or ``eps`` is a new key), every tensor's name, shape, strides and dtype (the
 quantization with them), the batch size and cache length, the thread count, the torch
 version, the CPU and fusionlm's own modelling and kernel sources. The key is stored in the
-package too and checked on load, so a renamed, foreign or truncated file is rebuilt, never
-run. Builds write to a temporary name and rename it into place, under a file lock, so
+package too and checked on load, so a renamed, foreign or truncated file is removed (and
+rebuilt), never run. Builds write to a temporary name and rename it into place, under a file lock, so
 concurrent processes neither corrupt nor duplicate each other's work.
 
 Two compile settings, each measured on the default model:
