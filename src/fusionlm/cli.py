@@ -271,21 +271,26 @@ def _stream_reply(
     return "".join(pieces), stats
 
 
-def _step_cache_len(model: TransformerDecoder, prompt_len: int, args: argparse.Namespace) -> int:
+def _reply_step(
+    args: argparse.Namespace, model: TransformerDecoder, prompt_len: int
+) -> tuple[Path, int] | None:
+    """Where the compiled step a reply decodes with is stored (or would be), and its cache
+    length; None with ``--no-compile`` or for a model that decodes eagerly (a fusion model)."""
     from fusionlm.generation import cache_length
-
-    return cache_length(min(prompt_len + args.max_new_tokens, model.max_seq_len), model.max_seq_len)
-
-
-def _stored_step(model: TransformerDecoder, cache_len: int) -> Path | None:
-    """Where the model's batch-1 step for ``cache_len`` is stored; None for a model that
-    decodes eagerly (a fusion model)."""
     from fusionlm.inference.decode_step import stored_step_path
     from fusionlm.modules.decoder import TransformerDecoder
 
-    if type(model) is not TransformerDecoder:
+    if args.compile is False or type(model) is not TransformerDecoder:
         return None
-    return stored_step_path(model, batch_size=1, cache_len=cache_len)
+    cache_len = cache_length(prompt_len + args.max_new_tokens, model.max_seq_len)
+    return stored_step_path(model, batch_size=1, cache_len=cache_len), cache_len
+
+
+def _build_if_missing(args: argparse.Namespace, step: tuple[Path, int] | None) -> None:
+    """After a reply that decoded without its stored step (``_reply_step``), start building
+    it, so the next reply of this length class has it."""
+    if step is not None and not step[0].is_file():
+        _build_step_in_background(args, *step)
 
 
 def _build_step_in_background(args: argparse.Namespace, step: Path, cache_len: int) -> None:
@@ -358,25 +363,12 @@ def run_generate(args: argparse.Namespace) -> int:
     if images and image_token is not None and image_token not in ids:
         # A raw prompt without image tokens: the images come first, as Llama 3.2 Vision's.
         ids = [image_token] * len(images) + ids
-    step = _stored_step(model, _step_cache_len(model, len(ids), args))
-    mode = "compiled" if args.compile is not False and step and step.is_file() else "eager"
+    step = _reply_step(args, model, len(ids))
+    mode = "compiled" if step is not None and step[0].is_file() else "eager"
     _, stats = _stream_reply(model, tokenizer, ids, args, images=images)
     print(f"load {load_s:.2f} s | {mode} decode | {stats.summary()}", file=sys.stderr)
-    _build_missing_step(args, model, len(ids))
+    _build_if_missing(args, step)
     return 0
-
-
-def _build_missing_step(
-    args: argparse.Namespace, model: TransformerDecoder, prompt_len: int
-) -> None:
-    """After a reply that decoded without a stored compiled step, start building it (unless
-    ``--no-compile``), so the next reply of this length class has it."""
-    if args.compile is False:
-        return
-    cache_len = _step_cache_len(model, prompt_len, args)
-    step = _stored_step(model, cache_len)
-    if step is not None and not step.is_file():
-        _build_step_in_background(args, step, cache_len)
 
 
 def _load_images(paths: Sequence[str]) -> list:
@@ -418,7 +410,7 @@ def run_chat(args: argparse.Namespace) -> int:
         reply, stats = _stream_reply(model, tokenizer, ids, args)
         turns.append({"role": "assistant", "content": reply})
         print(f"[{stats.summary()}]", file=sys.stderr)
-        _build_missing_step(args, model, len(ids))  # a later turn loads it once it is built
+        _build_if_missing(args, _reply_step(args, model, len(ids)))  # for a later turn
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -39,7 +39,8 @@ def benchmark(
     """Measure one model configuration at batch size 1, greedy, no stop tokens.
 
     ``load_s`` covers reading and preparing the weights; ``warmup_s`` one short generation
-    (where the decode step is built or loaded, with ``compile``; see ``generate``); together they are the cold start.
+    (where the decode step is built or loaded, with ``compile``; see ``generate``); together
+    they are the cold start.
     Decode is ``new_tokens`` steps after a ``prompt_len`` prompt, prefill a ``prefill_len``
     prompt; each is the best of ``repeats``.
     """

@@ -15,8 +15,8 @@ numbers: the model's structure (every module's class and plain attributes, so a 
 quantization with them), the batch size and cache length, the thread count, the torch
 version, the CPU and fusionlm's own modelling and kernel sources. The key is stored in the
 package too and checked on load, so a renamed, foreign or truncated file is removed (and
-rebuilt), never run. Builds write to a temporary name and rename it into place, under a file lock, so
-concurrent processes neither corrupt nor duplicate each other's work.
+rebuilt), never run. Builds write to a temporary name and rename it into place, under a
+file lock, so concurrent processes neither corrupt nor duplicate each other's work.
 
 Two compile settings, each measured on the default model:
 
@@ -169,17 +169,33 @@ def compile_decode_step(
         )
     if not 1 <= cache_len <= model.max_seq_len:
         raise ValueError(f"cache_len must be in [1, {model.max_seq_len}], got {cache_len}")
-    directory = directory or cache_dir()
+    key, path = _locate(model, batch_size=batch_size, cache_len=cache_len, directory=directory)
+    _build_unless_stored(model, key=key, path=path, batch_size=batch_size, cache_len=cache_len)
+    return path
+
+
+def _locate(
+    model: TransformerDecoder, *, batch_size: int, cache_len: int, directory: Path | None = None
+) -> tuple[str, Path]:
+    """``model``'s step key for these settings and the package's path under ``directory``
+    (default ``cache_dir()``)."""
     key = step_key(model, batch_size=batch_size, cache_len=cache_len)
-    path = directory / f"{key}.pt2"
-    directory.mkdir(parents=True, exist_ok=True)
+    return key, (directory or cache_dir()) / f"{key}.pt2"
+
+
+def _build_unless_stored(
+    model: TransformerDecoder, *, key: str, path: Path, batch_size: int, cache_len: int
+) -> None:
+    """Build the step named ``key`` into ``path`` unless a loadable one is there (perhaps
+    just built by another process), saying on stderr what it compiles and how long it took."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(path):
-        if _readable(path, key):  # built meanwhile by another process
-            return path
+        if _stored_loader(path, key) is not None:
+            return
         print(
             f"fusionlm: compiling the decode step for this machine once (batch {batch_size}, "
             f"{cache_len} slots, {torch.get_num_threads()} threads; about a minute on two "
-            f"cores); later runs load it from {directory}",
+            f"cores); later runs load it from {path.parent}",
             file=sys.stderr,
             flush=True,
         )
@@ -191,7 +207,6 @@ def compile_decode_step(
             file=sys.stderr,
             flush=True,
         )
-    return path
 
 
 @contextlib.contextmanager
@@ -256,17 +271,17 @@ def _build(
         partial.unlink(missing_ok=True)
 
 
-def _readable(path: Path, key: str) -> bool:
-    """Whether ``path`` holds a loadable step named ``key`` (a broken one is removed)."""
+def _stored_loader(path: Path, key: str) -> torch._C._aoti.AOTIModelPackageLoader | None:
+    """The loaded step named ``key`` at ``path``; None if there is none (a broken or foreign
+    one is removed, with a warning, so that a build replaces it)."""
     if not path.is_file():
-        return False
+        return None
     try:
-        _load_package(str(path), path.stat().st_mtime_ns, key)
+        return _load_package(str(path), path.stat().st_mtime_ns, key)
     except StaleStepError as error:
         warnings.warn(f"{error}; it will be rebuilt", RuntimeWarning, stacklevel=3)
         path.unlink(missing_ok=True)
-        return False
-    return True
+        return None
 
 
 class StaleStepError(Exception):
@@ -299,7 +314,7 @@ def _load_package(path: str, mtime_ns: int, key: str) -> torch._C._aoti.AOTIMode
 
 def stored_step_path(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> Path:
     """Where ``model``'s decode step for these settings is stored (or would be)."""
-    return cache_dir() / f"{step_key(model, batch_size=batch_size, cache_len=cache_len)}.pt2"
+    return _locate(model, batch_size=batch_size, cache_len=cache_len)[1]
 
 
 class DecodeStep:
@@ -324,14 +339,15 @@ class DecodeStep:
         if compile is False or type(model) is not TransformerDecoder or not caches:
             return
         batch_size, cache_len = caches[0].batch_size, caches[0].max_seq_len
-        key = step_key(model, batch_size=batch_size, cache_len=cache_len)
-        path = cache_dir() / f"{key}.pt2"
+        key, path = _locate(model, batch_size=batch_size, cache_len=cache_len)
         try:
             if compile is True:
-                compile_decode_step(model, batch_size=batch_size, cache_len=cache_len)
-            if not _readable(path, key):
+                _build_unless_stored(
+                    model, key=key, path=path, batch_size=batch_size, cache_len=cache_len
+                )
+            runner = _stored_loader(path, key)
+            if runner is None:
                 return
-            runner = _load_package(str(path), path.stat().st_mtime_ns, key)
             tensors = _named_tensors(model, prefix="model")
             # The model's own tensors (user-managed: not copied), so the step writes its caches.
             constants = {name: tensors[name] for name in runner.get_constant_fqns()}
