@@ -91,6 +91,7 @@ def one_line_error(capsys, argv: list[str], message: str) -> None:
         (["info", "/no/such/dir"], "no model at"),
         (["compile", "--model", "/no/such/model.gguf"], "no model at /no/such/model.gguf"),
         (["compile", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["compile", "--cache-len", "0"], "cache_len must be in [1, 8192], got 0"),
     ],
 )
 def test_user_errors_print_one_line(capsys, argv, message):

@@ -248,3 +248,13 @@ def test_the_cache_directory_is_overridable(tmp_path, monkeypatch):
     monkeypatch.delenv("FUSIONLM_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert decode_step.cache_dir() == tmp_path / "xdg" / "fusionlm" / "decode-steps"
+
+
+def test_bad_compile_settings_are_refused():
+    decoder = model()
+    with pytest.raises(ValueError, match="compile must be 'auto', True or False, got 'yes'"):
+        generate(decoder, PROMPTS, max_new_tokens=2, compile="yes")
+    with pytest.raises(ValueError, match=r"cache_len must be in \[1, 512\], got 513"):
+        decode_step.compile_decode_step(decoder, cache_len=513)
+    with pytest.raises(TypeError, match=r"only a TransformerDecoder's decode step .* not Linear"):
+        decode_step.compile_decode_step(torch.nn.Linear(2, 2))

@@ -473,7 +473,11 @@ def run_compile(args: argparse.Namespace) -> int:
     from fusionlm.inference.decode_step import compile_decode_step
 
     model, _, _ = _load(args)
-    cache_len = args.cache_len or cache_length(1 + DEFAULT_MAX_NEW_TOKENS, model.max_seq_len)
+    cache_len = (
+        args.cache_len
+        if args.cache_len is not None
+        else cache_length(1 + DEFAULT_MAX_NEW_TOKENS, model.max_seq_len)
+    )
     path = compile_decode_step(model, batch_size=args.batch_size, cache_len=cache_len)
     print(path)
     return 0

@@ -181,14 +181,17 @@ def generate_tokens(
     slots.
 
     Raises:
-        ValueError: no prompts, an empty prompt, ids outside the vocabulary, a prompt plus
-            ``max_new_tokens`` longer than the model's context, or an encoder input without
-            an encoder mask of shape ``[b, longest prompt, s_e]`` (or the reverse).
+        ValueError: an unknown ``compile``, no prompts, an empty prompt, ids outside the
+            vocabulary, a prompt plus ``max_new_tokens`` longer than the model's context, or
+            an encoder input without an encoder mask of shape ``[b, longest prompt, s_e]``
+            (or the reverse).
     """
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if compile not in ("auto", True, False):
+        raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError("a prompt is empty: every prompt needs at least one token")
