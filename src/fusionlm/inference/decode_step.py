@@ -321,8 +321,11 @@ class DecodeStep:
     """One decode step of ``model`` over its fixed-shape KV cache, set up for this token
     loop: the stored compiled step where there is one (``compile`` says what happens where
     there is not, see ``CompileMode``), else eager. The math is the same either way. Each
-    step runs on all of torch's threads or on one, whichever is faster now (``ThreadPlanner``:
-    on shared cores, one thread that never waits beats two that wait on each other).
+    compiled step runs on all of torch's threads or on one, whichever is faster now
+    (``ThreadPlanner``: on shared cores, one thread that never waits beats two that wait on
+    each other); its kernels give the same numbers on any thread count. Eager steps keep
+    torch's thread count: BLAS may split a matmul's sums by thread, and a server's rows must
+    not change with the load.
 
     A step that cannot be loaded or built (no C++ compiler, an unwritable cache directory)
     warns once and decodes eagerly; a fusion model decodes eagerly. Make one per token loop,
@@ -377,15 +380,15 @@ class DecodeStep:
     ) -> Tensor:
         """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``.
         ``mask``: bool ``[b, 1, 1, cache length]`` or None (every filled slot)."""
-        with self.threads.step():
-            if self.runner is not None:
-                (logits,) = self.runner.boxed_run(
-                    [tokens, input_pos, self.all_slots if mask is None else mask]
-                )
-                return logits
+        if self.runner is None:
             return forward_step(
                 self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
             )
+        with self.threads.step():
+            (logits,) = self.runner.boxed_run(
+                [tokens, input_pos, self.all_slots if mask is None else mask]
+            )
+            return logits
 
 
 def streaming_matvecs() -> CustomGraphPass:

@@ -311,4 +311,30 @@ def disable_kv_cache(model: nn.Module) -> Iterator[nn.Module]:
             m.cache_enabled = enabled
 
 
-__all__ = ["TiedLinear", "TransformerDecoder", "disable_kv_cache"]
+@contextlib.contextmanager
+def cache_row(model: nn.Module, index: int) -> Iterator[nn.Module]:
+    """Run ``model`` on row ``index`` of its fixed-shape KV caches: inside, a batch-1 forward
+    reads and writes that row alone, at the row's own write position, whatever the other
+    rows hold (a request's prompt joining a batch that is decoding; see ``KVCache.row``).
+
+    Raises:
+        ValueError: the model has no caches set up.
+        RuntimeError: the caches are not ``fixed_shape``.
+    """
+    attns = [
+        m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.kv_cache is not None
+    ]
+    if not attns:
+        raise ValueError("cache_row needs a model whose caches are set up")
+    caches = [m.kv_cache for m in attns]
+    views = [cache.row(index) for cache in caches]
+    for m, view in zip(attns, views, strict=True):
+        m.kv_cache = view
+    try:
+        yield model
+    finally:
+        for m, cache in zip(attns, caches, strict=True):
+            m.kv_cache = cache
+
+
+__all__ = ["TiedLinear", "TransformerDecoder", "cache_row", "disable_kv_cache"]

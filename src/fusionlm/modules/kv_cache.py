@@ -19,10 +19,12 @@ class KVCache(nn.Module):
     Two ways to read it back. By default ``update`` returns only the filled prefix, so
     attention never reads unwritten slots and its cost grows with what was written. With
     ``fixed_shape=True`` it returns the whole buffer, so every decode step has the same
-    shapes and ``torch.compile`` builds one graph for all of them; the write position is
-    then a tensor (``next_slot``), not a Python int a compiled graph would specialise on,
-    and attention masks the unwritten slots with ``filled_mask`` (an exactly-zero weight;
-    the ``sdpa`` backend's decode kernel skips masked slots without reading them).
+    shapes and ``torch.compile`` builds one graph for all of them; the write positions are
+    then a tensor (``next_slot [b]``, one per row), not a Python int a compiled graph would
+    specialise on, and attention masks the unwritten slots with ``filled_mask`` (an
+    exactly-zero weight; the ``sdpa`` backend's decode kernel skips masked slots without
+    reading them). Rows then fill independently: a server's rows hold different requests,
+    each at its own length (``row``, ``rewind`` and ``copy_row`` manage them one by one).
 
     Args:
         batch_size: rows in the batch.
@@ -54,14 +56,14 @@ class KVCache(nn.Module):
         )
         self.fixed_shape = fixed_shape
         self.register_buffer(
-            "next_slot", torch.zeros((), dtype=torch.long, device=device), persistent=False
+            "next_slot", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False
         )
         self._size = 0
 
     @property
     def size(self) -> int:
-        """Slots written so far (a host sync in ``fixed_shape`` mode)."""
-        return int(self.next_slot) if self.fixed_shape else self._size
+        """Slots written so far; in ``fixed_shape`` mode, in the fullest row (a host sync)."""
+        return int(self.next_slot.max()) if self.fixed_shape else self._size
 
     @property
     def batch_size(self) -> int:
@@ -97,9 +99,10 @@ class KVCache(nn.Module):
                 "call setup_caches with the batch size you run."
             )
         if self.fixed_shape:
-            slots = self.next_slot + torch.arange(s, device=k.device)
-            self.k_cache.index_copy_(2, slots, k)
-            self.v_cache.index_copy_(2, slots, v)
+            slots = self.next_slot[:, None] + torch.arange(s, device=k.device)  # [b, s]
+            index = slots[:, None, :, None].expand(k.shape)
+            self.k_cache.scatter_(2, index, k)
+            self.v_cache.scatter_(2, index, v)
             self.next_slot.add_(s)
             return self.k_cache, self.v_cache
         end = self._size + s
@@ -122,13 +125,53 @@ class KVCache(nn.Module):
         """Which slots the ``q_len`` tokens just written may read, for ``fixed_shape`` mode.
 
         Returns:
-            bool ``[1, 1, q_len, max_seq_len]``: slots written so far; with ``causal``, only
-            up to each query's own slot.
+            bool ``[b, 1, q_len, max_seq_len]``: the slots each row has written; with
+            ``causal``, only up to each query's own slot.
         """
         slots = torch.arange(self.max_seq_len, device=self.next_slot.device)
-        last = self.next_slot - q_len + torch.arange(q_len, device=slots.device)[:, None]
-        visible = slots <= last if causal else (slots < self.next_slot).expand(q_len, -1)
-        return visible[None, None]
+        if causal:
+            offsets = torch.arange(q_len, device=slots.device)
+            last = self.next_slot[:, None] - q_len + offsets  # [b, q_len]
+            visible = slots <= last[..., None]
+        else:
+            visible = (slots < self.next_slot[:, None, None]).expand(-1, q_len, -1)
+        return visible[:, None]
+
+    def row(self, index: int) -> KVCache:
+        """Row ``index`` as a cache of batch size 1 sharing this cache's memory: what a
+        batch-1 forward writes into it lands in that row (a request's prompt, run alone).
+        ``fixed_shape`` mode only: its write position is the row's own."""
+        self._require_fixed_shape("row")
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        for name in ("k_cache", "v_cache", "next_slot"):
+            view.register_buffer(name, getattr(self, name)[index : index + 1], persistent=False)
+        view.fixed_shape = True
+        view._size = 0
+        return view
+
+    def rewind(self, index: int, length: int) -> None:
+        """Keep the first ``length`` slots of row ``index``; its next write goes to slot
+        ``length`` (``fixed_shape`` mode). What it held beyond stays until overwritten."""
+        self._require_fixed_shape("rewind")
+        if not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"length must be in [0, {self.max_seq_len}], got {length}")
+        self.next_slot[index] = length
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Make row ``target`` hold what row ``source`` holds (``fixed_shape`` mode)."""
+        self._require_fixed_shape("copy_row")
+        length = int(self.next_slot[source])
+        self.k_cache[target, :, :length] = self.k_cache[source, :, :length]
+        self.v_cache[target, :, :length] = self.v_cache[source, :, :length]
+        self.next_slot[target] = length
+
+    def _require_fixed_shape(self, what: str) -> None:
+        if not self.fixed_shape:
+            raise RuntimeError(
+                f"KVCache.{what} needs per-row write positions: set up the caches with "
+                "fixed_shape=True"
+            )
 
     def extra_repr(self) -> str:
         return (
