@@ -44,11 +44,14 @@ if TYPE_CHECKING:
 class SamplingParams:
     """How the next token is chosen.
 
-    ``temperature == 0`` is greedy (argmax). Otherwise logits are divided by the
-    temperature and filtered by ``top_k``, then ``top_p`` (nucleus), then ``min_p``
-    (tokens below ``min_p`` times the top probability), then sampled. A
-    ``repetition_penalty`` > 1 makes tokens already in the sequence less likely (as in
-    transformers: positive logits divided, negative multiplied).
+    First the logits are adjusted, in this order: a ``repetition_penalty`` > 1 makes tokens
+    already in the sequence (prompt and output) less likely (as in transformers: positive
+    logits divided, negative multiplied); ``presence_penalty`` and ``frequency_penalty`` are
+    OpenAI's (subtracted once per token that occurs in the output, and once per occurrence);
+    ``logit_bias`` adds its value to its token's logit. Then ``temperature == 0`` is greedy
+    (argmax); otherwise logits are divided by the temperature and filtered by ``top_k``,
+    then ``top_p`` (nucleus), then ``min_p`` (tokens below ``min_p`` times the top
+    probability), then sampled.
     """
 
     temperature: float = 0.0
@@ -56,6 +59,9 @@ class SamplingParams:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -68,6 +74,20 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(
+                    f"logit_bias maps token ids (>= 0) to biases in [-100, 100], got "
+                    f"{token!r}: {bias!r}"
+                )
+
+    @property
+    def penalizes_output(self) -> bool:
+        """Whether sampling reads the output so far (presence or frequency penalty)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclasses.dataclass
@@ -112,6 +132,7 @@ def sample(
     params: SamplingParams,
     *,
     history: Tensor | None = None,
+    output: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Choose the next token of each row.
@@ -119,11 +140,17 @@ def sample(
     Args:
         logits: ``[b, v]``.
         params: the sampling rule.
-        history: ``[b, t]`` token ids seen so far, for the repetition penalty.
+        history: ``[b, t]`` token ids seen so far (prompt and output), for the repetition
+            penalty.
+        output: ``[b, t_o]`` token ids generated so far, for the presence and frequency
+            penalties.
         generator: the random source, for reproducible sampling.
 
     Returns:
         ``[b]`` token ids.
+
+    Raises:
+        ValueError: a ``logit_bias`` token outside the vocabulary.
     """
     logits = logits.float()
     if params.repetition_penalty != 1.0 and history is not None and history.numel():
@@ -132,6 +159,20 @@ def sample(
             seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty
         )
         logits = logits.scatter(-1, history, seen)
+    if params.penalizes_output and output is not None and output.numel():
+        counts = torch.zeros_like(logits).scatter_add_(
+            -1, output, torch.ones_like(logits[:, :1]).expand_as(output)
+        )
+        logits = logits - counts * params.frequency_penalty - (counts > 0) * params.presence_penalty
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+        if int(ids.max()) >= logits.shape[-1]:
+            raise ValueError(
+                f"logit_bias names token {int(ids.max())}, beyond the vocabulary of "
+                f"{logits.shape[-1]} tokens"
+            )
+        bias = torch.tensor(list(params.logit_bias.values()), device=logits.device)
+        logits = logits.index_add(-1, ids, bias.expand(logits.shape[0], -1))
     if params.temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
@@ -257,7 +298,13 @@ def generate_tokens(
             )[:, -1]
             position = positions[:, -1:]
             for _ in range(max_new_tokens):
-                next_tokens = sample(logits, sampling, history=history, generator=generator)
+                next_tokens = sample(
+                    logits,
+                    sampling,
+                    history=history,
+                    output=history[:, longest:],
+                    generator=generator,
+                )
                 yield [
                     None if d else t
                     for t, d in zip(next_tokens.tolist(), done.tolist(), strict=True)
@@ -340,6 +387,9 @@ def generate(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
     seed: int | None = None,
     stop_tokens: Iterable[int] | None = None,
     stop_strings: Sequence[str] | None = None,
@@ -353,7 +403,8 @@ def generate(
         model: a decoder, or a fusion model (``DeepFusionModel``) for ``images``.
         prompts: token ids per prompt; lengths may differ (left-padded internally).
         max_new_tokens: the most tokens to add per prompt.
-        temperature, top_k, top_p, min_p, repetition_penalty: see ``SamplingParams``.
+        temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+            frequency_penalty, logit_bias: see ``SamplingParams``.
         seed: makes sampling reproducible.
         stop_tokens: ids that end a row; the stop token is not included in the result.
         stop_strings: texts that end a row once its decoded output contains one; the result
@@ -379,6 +430,9 @@ def generate(
         top_p=top_p,
         min_p=min_p,
         repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=logit_bias,
     )
     stop_ids = set(stop_tokens or ())
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -438,11 +492,10 @@ def generate_stream(
     ``generate``.
     """
     encoder_input, encoder_mask = _image_inputs(model, [prompt], [list(images)])
-    decoder = tokenizer.stream_decoder()
+    text = TextStream(tokenizer, stop_strings=stop_strings)
     stop_ids = set(tokenizer.stop_ids if stop_tokens is None else stop_tokens)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
-    pending = ""
     started = time.perf_counter()
     for (token,) in generate_tokens(
         model,
@@ -458,16 +511,44 @@ def generate_stream(
         stats.record(time.perf_counter() - started)
         if token is None or token in stop_ids:
             break
-        pending += decoder.push(token)
-        emit, pending, stopped = _split_at_stop_strings(pending, stop_strings)
-        if emit:
+        if emit := text.push(token):
             yield emit
-        if stopped:
+        if text.stopped:
             return
-    pending += decoder.flush()
-    emit, _, _ = _split_at_stop_strings(pending, stop_strings, final=True)
-    if emit:
+    if emit := text.finish():
         yield emit
+
+
+class TextStream:
+    """The text of a stream of token ids, safe to show as it grows: ``push`` an id, get the
+    text it completes. A multi-byte character is never split; text that might be the start
+    of a stop string is held back until it is not, and a stop string (and anything after it)
+    is never returned: once one is complete, ``stopped`` is True and the stream is over.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, stop_strings: Sequence[str] = ()) -> None:
+        self.decoder = tokenizer.stream_decoder()
+        self.stop_strings = tuple(stop_strings)
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one id; return the text now safe to show (often "")."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.push(token)
+        emit, self.pending, self.stopped = _split_at_stop_strings(self.pending, self.stop_strings)
+        return emit
+
+    def finish(self) -> str:
+        """The rest, at the end of the stream (what was held back, up to a stop string)."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.flush()
+        emit, self.pending, self.stopped = _split_at_stop_strings(
+            self.pending, self.stop_strings, final=True
+        )
+        return emit
 
 
 def _split_at_stop_strings(
