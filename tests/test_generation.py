@@ -169,3 +169,21 @@ def test_stop_strings_end_a_row_at_the_token_completing_them():
     assert tokenizer.decode(stopped[0]) == "The capital of France"
     assert stopped[0] == full[0][: len(stopped[0])]
     assert "of Fr" not in tokenizer.decode(full[1]) and stopped[1] == full[1]
+
+
+def test_presence_and_frequency_penalties_and_logit_bias_follow_openai():
+    """logit - count * frequency - (count > 0) * presence, over the output only; the bias
+    is added to its token."""
+    logits = torch.tensor([[2.0, 1.9, 1.8, 0.0]])
+    output = torch.tensor([[0, 0, 1]])
+    penalties = SamplingParams(presence_penalty=0.5, frequency_penalty=0.3)
+    # token 0: 2.0 - 0.6 - 0.5 = 0.9; token 1: 1.9 - 0.3 - 0.5 = 1.1; token 2 keeps 1.8
+    assert sample(logits, penalties, output=output).tolist() == [2]
+    assert sample(logits, penalties, history=output).tolist() == [0]  # the prompt is not output
+    assert sample(logits, SamplingParams(logit_bias={3: 2.5})).tolist() == [3]
+    with pytest.raises(ValueError, match="beyond the vocabulary"):
+        sample(logits, SamplingParams(logit_bias={4: 1.0}))
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101.0})

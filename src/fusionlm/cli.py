@@ -187,6 +187,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_step.set_defaults(run=run_compile)
 
+    server = commands.add_parser(
+        "serve",
+        parents=[model, decoding],
+        help="an OpenAI-compatible server (needs fusionlm[serve])",
+        description="Serve the model over OpenAI's API with continuous batching. Without "
+        "--no-compile it uses the compiled decode step for --slots rows of --ctx tokens, "
+        "building it first if it is not stored (/health answers 503 until it is ready).",
+    )
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument(
+        "--slots", type=int, default=4, help="requests decoded at once (KV-cache rows)"
+    )
+    server.add_argument("--ctx", type=int, default=2048, help="tokens per row: prompt and reply")
+    server.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting for a row before 429"
+    )
+    server.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="require this key as 'Authorization: Bearer KEY' (repeatable)",
+    )
+    server.add_argument("--api-key-file", help="a file of keys, one per line")
+    server.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests may take to finish after SIGTERM",
+    )
+    server.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="prompt tokens prefilled between two decode steps",
+    )
+    server.set_defaults(run=run_serve)
+
     evaluate = commands.add_parser("eval", parents=[model], help="measure model quality")
     evaluate.add_argument(
         "--perplexity", required=True, metavar="FILE", help="UTF-8 text file to score"
@@ -480,6 +518,45 @@ def run_compile(args: argparse.Namespace) -> int:
     )
     path = compile_decode_step(model, batch_size=args.batch_size, cache_len=cache_len)
     print(path)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    for name in ("slots", "ctx", "port", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
+    keys = list(args.api_key)
+    if args.api_key_file:
+        lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        keys += [line.strip() for line in lines if line.strip()]
+        if not keys:
+            raise UsageError(f"{args.api_key_file} holds no keys")
+    try:
+        from fusionlm.serving.server import serve
+    except ImportError as e:
+        raise UsageError(
+            f"serving needs the serve extra: pip install 'fusionlm[serve]' ({e})"
+        ) from None
+    from fusionlm.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    serve(
+        lambda: load_model(args.model, dtype=_dtype(args), quant=args.quant),
+        tokenizer,
+        # A registered name as it is; a file or directory by its name.
+        model_name=Path(args.model).stem if Path(args.model).exists() else args.model,
+        host=args.host,
+        port=args.port,
+        slots=args.slots,
+        ctx=args.ctx,
+        max_queue=args.max_queue,
+        api_keys=keys,
+        drain_timeout=args.drain_timeout,
+        compile=True if args.compile == "auto" else args.compile,
+        prefill_chunk=args.prefill_chunk,
+    )
     return 0
 
 

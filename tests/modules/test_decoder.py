@@ -9,6 +9,7 @@ import fusionlm
 from fusionlm import LlamaConfig, disable_kv_cache, llama
 from fusionlm.modules import masks
 from fusionlm.modules.decoder import TransformerDecoder
+from fusionlm.modules.kv_cache import KVCache
 from tests.conftest import randomize_
 
 BACKENDS = ["eager", "sdpa", "flex"]
@@ -330,3 +331,38 @@ def test_fixed_shape_cache_decodes_like_the_full_forward(backend):
             steps.append(model(tokens[:, i : i + 1], input_pos=torch.tensor([i])))
         assert model.layers[0].attn.kv_cache.size == 11
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_cache_rows_fill_and_decode_independently():
+    """A fixed-shape cache whose rows hold prompts of different lengths, each prefilled
+    alone into its row (``cache_row``): a batched step gives each row the logits of its own
+    sequence, and a masked-out row changes nothing for the others."""
+    from fusionlm.modules.decoder import cache_row
+
+    model = tiny("sdpa")
+    prompts = [torch.randint(0, 96, (1, n)) for n in (9, 4, 6)]
+    nexts = torch.randint(0, 96, (3, 1))
+    with torch.no_grad():
+        expected = [
+            model(torch.cat([p, nexts[i : i + 1]], dim=1))[0, -1] for i, p in enumerate(prompts)
+        ]
+        model.setup_caches(3, torch.float32, decoder_max_seq_len=32, fixed_shape=True)
+        for row, prompt in enumerate(prompts):
+            with cache_row(model, row):
+                model(prompt, input_pos=torch.arange(prompt.shape[1])[None])
+        caches = [m for m in model.modules() if isinstance(m, KVCache)]
+        assert caches[0].next_slot.tolist() == [9, 4, 6]
+        positions = torch.tensor([[9], [4], [6]])
+        step = model(nexts, input_pos=positions)[:, -1]
+        for cache in caches:
+            cache.next_slot.copy_(torch.tensor([9, 4, 6]))
+        only_first_two = torch.ones(3, 1, 1, 32, dtype=torch.bool)
+        only_first_two[2] = False
+        masked = model(nexts, mask=only_first_two, input_pos=positions)[:, -1]
+    for row in range(3):
+        torch.testing.assert_close(step[row], expected[row], atol=1e-5, rtol=0)
+    assert torch.equal(masked[:2], step[:2])
+    caches[0].rewind(1, 2)
+    caches[0].copy_row(0, 2)
+    assert caches[0].next_slot.tolist() == [10, 2, 10]
+    assert torch.equal(caches[0].k_cache[2, :, :10], caches[0].k_cache[0, :, :10])
