@@ -35,10 +35,26 @@ generate: install
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
 
-# The peers benchmarks/compare.py measures against; llama-cpp-python compiles llama.cpp (~8 min).
-# Kept out of `make test`.
+# The peers the benchmarks measure against; llama-cpp-python compiles llama.cpp (~8 min), and so
+# does llama-server (benchmarks/serve_load.py). Kept out of `make test`.
 peers: install
 	$(PY) -m pip install --quiet llama-cpp-python gguf accelerate
+	$(MAKE) --no-print-directory $(LLAMA_SERVER)
+
+# llama.cpp's server from the llama.cpp sources in the sdist of the llama-cpp-python installed
+# above: CPU only, static (the binary can be copied), no HTTPS, no web UI download.
+# Built once; delete the binary to rebuild.
+LLAMA_SERVER := $(VENV)/bin/llama-server
+LLAMA_SRC    := build/llama-server
+$(LLAMA_SERVER):
+	rm -rf $(LLAMA_SRC)
+	$(PY) -m pip download --quiet --no-binary :all: --no-deps --dest $(LLAMA_SRC) \
+	    llama-cpp-python==$$($(PY) -c 'from importlib.metadata import version; print(version("llama-cpp-python"))')
+	tar -xzf $(LLAMA_SRC)/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC) --strip-components=1
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_SRC)/cmake -DCMAKE_BUILD_TYPE=Release \
+	    -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+	cmake --build $(LLAMA_SRC)/cmake --target llama-server -j2
+	cp $(LLAMA_SRC)/cmake/bin/llama-server $@
 
 bench: peers
 	$(PY) benchmarks/compare.py

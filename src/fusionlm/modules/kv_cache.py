@@ -100,9 +100,11 @@ class KVCache(nn.Module):
             )
         if self.fixed_shape:
             slots = self.next_slot[:, None] + torch.arange(s, device=k.device)  # [b, s]
-            index = slots[:, None, :, None].expand(k.shape)
-            self.k_cache.scatter_(2, index, k)
-            self.v_cache.scatter_(2, index, v)
+            rows = torch.arange(b, device=k.device)[:, None]
+            # Indexing writes in place, also in a compiled step (a scatter would be
+            # functionalized into a copy of the whole cache per layer and step).
+            self.k_cache[rows, :, slots] = k.transpose(1, 2)
+            self.v_cache[rows, :, slots] = v.transpose(1, 2)
             self.next_slot.add_(s)
             return self.k_cache, self.v_cache
         end = self._size + s

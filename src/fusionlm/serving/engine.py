@@ -413,6 +413,7 @@ class Engine:
         self.prefill = _Prefill(ticket, rows, position=cached, cached=cached)
         if self.metrics is not None:
             self.metrics.queue_time.observe(time.perf_counter() - ticket.submitted)
+        self._report()
 
     def _prefill_chunk(self) -> None:
         job = self.prefill
@@ -532,6 +533,7 @@ class Engine:
             self._running -= 1
             if self.metrics is not None:
                 self.metrics.e2e_latency.observe(time.perf_counter() - ticket.submitted)
+        self._report()
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -544,6 +546,7 @@ class Engine:
             self.metrics.cancelled.inc()
 
     def _report(self) -> None:
+        """Set the gauges (when a request starts or ends, and after every round)."""
         if self.metrics is None:
             return
         with self._lock:
