@@ -78,8 +78,20 @@ def forward_step(
     encoder_mask: Tensor | None = None,
     input_pos: Tensor,
 ) -> Tensor:
-    """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``."""
-    return model(tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos)[:, -1]
+    """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``. A row whose
+    ``mask`` allows no slot is idle: it carries zeros, which the matvec kernels skip, and
+    its logits mean nothing."""
+    # isinstance: torch.export traces the model as an instance of a subclass it makes.
+    if mask is None or not isinstance(model, TransformerDecoder):  # fusion models: every row
+        return model(tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos)[:, -1]
+    active_rows = mask.flatten(1).any(dim=1)
+    return model(
+        tokens,
+        mask=mask,
+        encoder_mask=encoder_mask,
+        input_pos=input_pos,
+        active_rows=active_rows,
+    )[:, -1]
 
 
 class _StepGraph(nn.Module):

@@ -196,6 +196,7 @@ class TransformerDecoder(nn.Module):
         encoder_mask: Tensor | None = None,
         input_pos: Tensor | None = None,
         logits_to_keep: int = 0,
+        active_rows: Tensor | None = None,
     ) -> Tensor | list[Tensor]:
         """Logits for ``tokens``.
 
@@ -211,6 +212,9 @@ class TransformerDecoder(nn.Module):
             logits_to_keep: project only the last this-many positions to logits (0: all).
                 Generation keeps 1: the output projection is a fifth of a small model's
                 FLOPs, wasted on prompt positions whose logits nobody reads.
+            active_rows: bool ``[b]``; the other rows carry zeros from the embedding on, and
+                their logits mean nothing (a server's idle cache rows in a fixed-size batch:
+                zero rows cost fusionlm's matvec kernels nothing).
 
         Returns:
             ``[b, s, v]`` logits; a list of ``num_output_chunks`` chunks if chunking is set; with
@@ -244,6 +248,8 @@ class TransformerDecoder(nn.Module):
             raise ValueError(f"input_pos must be [b, s] = [{b}, {s}], got {tuple(input_pos.shape)}")
 
         h = self.tok_embeddings(tokens)
+        if active_rows is not None:
+            h = torch.where(active_rows[:, None, None], h, 0.0)
         hidden = []
         for i, layer in enumerate(self.layers):
             if i in self.output_hidden_states:
