@@ -384,6 +384,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t v_row = v.stride(0), v_head = v.stride(1), v_slot = v.stride(2);
   const int64_t group = h / h_kv;
   const float factor = static_cast<float>(scale);
+  // A mask shared by the heads is read once per row, not once per head: the slots each row
+  // may read, in order (a fixed-length cache's mask is mostly unfilled slots).
+  std::vector<std::vector<int64_t>> row_slots;
+  if (mp != nullptr && m_head == 0) {
+    row_slots.resize(m_row == 0 ? 1 : b);
+    for (size_t row = 0; row < row_slots.size(); ++row) {
+      for (int64_t j = 0; j < s; ++j) {
+        if (mp[row * m_row + j * m_slot]) row_slots[row].push_back(j);
+      }
+    }
+  }
   at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weight(s);
     std::vector<int64_t> slot(s);
@@ -392,14 +403,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float* query = qp + row * q_row + head * q_head;
       const float* keys = kp + row * k_row + kv_head * k_head;
       const float* values = vp + row * v_row + kv_head * v_head;
-      const bool* allow = mp ? mp + row * m_row + head * m_head : nullptr;
       int64_t n = 0;
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < s; ++j) {
-        if (allow && !allow[j * m_slot]) continue;
+      const auto attend = [&](int64_t j) {
         weight[n] = dot(query, keys + j * k_slot, d) * factor;
         top = std::max(top, weight[n]);
         slot[n++] = j;
+      };
+      if (!row_slots.empty()) {
+        for (const int64_t j : row_slots[row_slots.size() == 1 ? 0 : row]) attend(j);
+      } else {
+        const bool* allow = mp ? mp + row * m_row + head * m_head : nullptr;
+        for (int64_t j = 0; j < s; ++j) {
+          if (!allow || allow[j * m_slot]) attend(j);
+        }
       }
       float* result = op + row_head * d;
       if (n == 0) {  // no key to attend to
