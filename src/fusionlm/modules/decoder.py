@@ -302,11 +302,7 @@ def disable_kv_cache(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         ValueError: the model has no caches set up.
     """
-    attns = [
-        m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.kv_cache is not None
-    ]
-    if not attns:
-        raise ValueError("disable_kv_cache needs a model whose caches are set up")
+    attns = _cached_attention(model, needed_by="disable_kv_cache")
     previous = [m.cache_enabled for m in attns]
     for m in attns:
         m.cache_enabled = False
@@ -327,11 +323,7 @@ def cache_row(model: nn.Module, index: int) -> Iterator[nn.Module]:
         ValueError: the model has no caches set up.
         RuntimeError: the caches are not ``fixed_shape``.
     """
-    attns = [
-        m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.kv_cache is not None
-    ]
-    if not attns:
-        raise ValueError("cache_row needs a model whose caches are set up")
+    attns = _cached_attention(model, needed_by="cache_row")
     caches = [m.kv_cache for m in attns]
     views = [cache.row(index) for cache in caches]
     for m, view in zip(attns, views, strict=True):
@@ -341,6 +333,16 @@ def cache_row(model: nn.Module, index: int) -> Iterator[nn.Module]:
     finally:
         for m, cache in zip(attns, caches, strict=True):
             m.kv_cache = cache
+
+
+def _cached_attention(model: nn.Module, *, needed_by: str) -> list[MultiHeadAttention]:
+    """The attention layers of ``model`` that have a KV cache; ValueError if none has."""
+    attns = [
+        m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.kv_cache is not None
+    ]
+    if not attns:
+        raise ValueError(f"{needed_by} needs a model whose caches are set up")
+    return attns
 
 
 __all__ = ["TiedLinear", "TransformerDecoder", "cache_row", "disable_kv_cache"]
