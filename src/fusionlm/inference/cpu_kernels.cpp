@@ -239,10 +239,19 @@ std::vector<at::Tensor> matvecs(const at::Tensor& input, at::TensorList weights,
 // without reading any weight (exact: 0 . w = 0). A server's idle batch rows carry zeros, so a
 // decode step costs what its busy rows need.
 template <typename Compute>
-std::vector<at::Tensor> skipping_zero_rows(const at::Tensor& x, Compute compute) {
-  const auto busy = x.ne(0).any(1);
-  if (busy.all().item<bool>()) return compute(x);
-  const auto rows = busy.nonzero().squeeze(1);
+std::vector<at::Tensor> skipping_zero_rows(const at::Tensor& input, Compute compute) {
+  const auto x = input.contiguous();
+  const int64_t m_size = x.size(0), k_size = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  std::vector<int64_t> busy;  // a busy row is found at its first value, almost always
+  for (int64_t m = 0; m < m_size; ++m) {
+    const float* row = xp + m * k_size;
+    if (std::any_of(row, row + k_size, [](float value) { return value != 0.0f; })) {
+      busy.push_back(m);
+    }
+  }
+  if (static_cast<int64_t>(busy.size()) == m_size) return compute(x);
+  const auto rows = at::tensor(busy, at::kLong);
   std::vector<at::Tensor> outputs;
   for (const auto& part : compute(x.index_select(0, rows))) {
     auto full = at::zeros({x.size(0), part.size(1)}, part.options());
