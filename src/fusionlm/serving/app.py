@@ -35,6 +35,7 @@ from fusionlm.serving.metrics import ServerMetrics
 from fusionlm.serving.protocol import (
     APIError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
@@ -153,11 +154,7 @@ def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         body.check_supported()
         check_model(state, body.model)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages
-        ]
-        prompt = encode_chat(state.tokenizer, messages)
+        prompt = encode_chat(state.tokenizer, body.messages)
         return await respond(state, body, [prompt], request, chat=True)
 
     @app.post("/v1/completions", dependencies=guarded)
@@ -170,9 +167,8 @@ def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         if body.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             ids = encode_chat(
-                state.tokenizer, messages, add_generation_prompt=body.add_generation_prompt
+                state.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt
             )
         else:
             text = body.prompt if body.prompt is not None else body.content
@@ -213,12 +209,18 @@ def check_model(state: ServerState, name: str) -> None:
 
 
 def encode_chat(
-    tokenizer: Tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
+    tokenizer: Tokenizer, messages: list[ChatMessage], *, add_generation_prompt: bool = True
 ) -> list[int]:
+    """The token ids of ``messages`` in the model's chat template (OpenAI's ``developer``
+    role is the template's ``system``)."""
     if not tokenizer.is_chat:
         raise APIError(400, "this model has no chat template; use /v1/completions")
+    turns = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in messages
+    ]
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
     except ValueError as error:
         raise APIError(400, str(error), param="messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
@@ -422,7 +424,7 @@ async def respond(
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            stream(run, shape, include_usage=include_usage),
+            stream(run, shape, include_usage=include_usage, logprobs=body.logprobs_count()),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -444,12 +446,14 @@ async def respond(
     return JSONResponse(shape.body(choices, chunk=False, usage=run.usage()))
 
 
-async def stream(run: Run, shape: ResponseShape, *, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: (chat: a role chunk per choice), text chunks, a chunk with each
-    choice's ``finish_reason``, the usage chunk if asked, ``[DONE]``. An error after the
-    headers is an ``error`` event, then the stream ends."""
+async def stream(
+    run: Run, shape: ResponseShape, *, include_usage: bool, logprobs: int | None
+) -> AsyncIterator[str]:
+    """Server-sent events: (chat: a role chunk per choice), text chunks (with ``logprobs``
+    alternatives per token, if not None), a chunk with each choice's ``finish_reason``, the
+    usage chunk if asked, ``[DONE]``. An error after the headers is an ``error`` event, then
+    the stream ends."""
     extra = {"usage": None} if include_usage else {}
-    logprobs_count = run.tickets[0].request.logprobs if run.tickets else None
     try:
         if shape.chat:
             for i in range(len(run.choices)):
@@ -457,8 +461,8 @@ async def stream(run: Run, shape: ResponseShape, *, include_usage: bool) -> Asyn
         async for update in run.updates():
             if update.text or update.logprobs:
                 delta = shape.delta(update.index, text=update.text)
-                if logprobs_count is not None:
-                    delta["logprobs"] = shape.logprobs(update.logprobs, logprobs_count)
+                if logprobs is not None:
+                    delta["logprobs"] = shape.logprobs(update.logprobs, logprobs)
                 yield sse(shape.body([delta], **extra))
             if update.finish_reason is not None:
                 final = shape.delta(update.index, finish_reason=update.finish_reason)
