@@ -355,14 +355,16 @@ def test_cache_rows_fill_and_decode_independently():
         positions = torch.tensor([[9], [4], [6]])
         step = model(nexts, input_pos=positions)[:, -1]
         for cache in caches:
-            cache.next_slot.copy_(torch.tensor([9, 4, 6]))
+            cache.set_lengths(torch.tensor([9, 4, 6]))
         only_first_two = torch.ones(3, 1, 1, 32, dtype=torch.bool)
         only_first_two[2] = False
         masked = model(nexts, mask=only_first_two, input_pos=positions)[:, -1]
     for row in range(3):
         torch.testing.assert_close(step[row], expected[row], atol=1e-5, rtol=0)
     assert torch.equal(masked[:2], step[:2])
-    caches[0].rewind(1, 2)
+    with pytest.raises(ValueError, match=r"lengths must be \[3\] values in \[0, 32\]"):
+        caches[0].set_lengths(torch.tensor([10, 2, 33]))
+    caches[0].set_lengths(torch.tensor([10, 2, 0]))
     caches[0].copy_row(0, 2)
     assert caches[0].next_slot.tolist() == [10, 2, 10]
     assert torch.equal(caches[0].k_cache[2, :, :10], caches[0].k_cache[0, :, :10])

@@ -24,7 +24,7 @@ class KVCache(nn.Module):
     specialise on, and attention masks the unwritten slots with ``filled_mask`` (an
     exactly-zero weight; the ``sdpa`` backend's decode kernel skips masked slots without
     reading them). Rows then fill independently: a server's rows hold different requests,
-    each at its own length (``row``, ``rewind`` and ``copy_row`` manage them one by one).
+    each at its own length (``row``, ``set_lengths`` and ``copy_row`` manage them).
 
     Args:
         batch_size: rows in the batch.
@@ -152,13 +152,20 @@ class KVCache(nn.Module):
         view._size = 0
         return view
 
-    def rewind(self, index: int, length: int) -> None:
-        """Keep the first ``length`` slots of row ``index``; its next write goes to slot
-        ``length`` (``fixed_shape`` mode). What it held beyond stays until overwritten."""
-        self._require_fixed_shape("rewind")
-        if not 0 <= length <= self.max_seq_len:
-            raise ValueError(f"length must be in [0, {self.max_seq_len}], got {length}")
-        self.next_slot[index] = length
+    def set_lengths(self, lengths: Tensor) -> None:
+        """Each row keeps the first ``lengths [b]`` slots; its next write goes to the slot
+        after them (``fixed_shape`` mode). What a row held beyond stays until overwritten."""
+        self._require_fixed_shape("set_lengths")
+        if (
+            lengths.shape != self.next_slot.shape
+            or int(lengths.min()) < 0
+            or int(lengths.max()) > self.max_seq_len
+        ):
+            raise ValueError(
+                f"lengths must be [{self.batch_size}] values in [0, {self.max_seq_len}], got "
+                f"{lengths.tolist()}"
+            )
+        self.next_slot.copy_(lengths)
 
     def copy_row(self, source: int, target: int) -> None:
         """Make row ``target`` hold what row ``source`` holds (``fixed_shape`` mode)."""

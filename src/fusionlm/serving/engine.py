@@ -485,7 +485,7 @@ class Engine:
     def _sync_write_positions(self) -> None:
         """Every cache's per-row write position := the tokens the row holds."""
         for cache in self.caches:
-            cache.next_slot.copy_(self.lengths)
+            cache.set_lengths(self.lengths)
 
     def _take(self, row: int, logits: Tensor) -> None:
         """Sample row ``row``'s next token from ``logits [1, v]``, send it, end the choice
