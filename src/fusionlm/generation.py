@@ -243,7 +243,7 @@ def generate_tokens(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {total} exceeds the "
             f"model's context of {model.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
         )
-    device = model.tok_embeddings.weight.device
+    device = model.device
     b = len(prompts)
     tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
     cache_len = cache_length(total, model.max_seq_len) if compile is not False else total
@@ -264,7 +264,7 @@ def generate_tokens(
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     model.setup_caches(
         b,
-        model.tok_embeddings.weight.dtype,
+        model.dtype,
         # Cross-attention layers of a fusion model given no encoder input get an empty cache.
         encoder_max_seq_len=encoder_mask.shape[-1] if encoder_mask is not None else 0,
         decoder_max_seq_len=cache_len,

@@ -1,4 +1,5 @@
-"""fusionlm's matvec kernels: a row's result does not depend on the rows beside it."""
+"""fusionlm's matvec kernels: the product of the weights they stand for, and a row's result does
+not depend on the rows beside it."""
 
 from __future__ import annotations
 
@@ -6,12 +7,22 @@ import pytest
 import torch
 
 from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, load_kernels
+from fusionlm.inference.quantize import WeightOnlyLinear
 
 pytestmark = pytest.mark.skipif(not load_kernels(), reason="no C++ compiler for the kernels")
 
 
+ISAS = ["avx512", "avx2", "scalar"]
+
+
 def weights(format: str, n: int, k: int) -> tuple[list, torch.Tensor]:
     """The kernel's weight arguments, and the fp32 matrix they stand for."""
+    if format == "int4":
+        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+        scale = torch.rand(n, k // INT8_GROUP_SIZE) / 16
+        offset = -torch.rand(n, k // INT8_GROUP_SIZE) / 2
+        dense = WeightOnlyLinear(packed, scale, offset=offset).dequantize()
+        return [[packed], [scale], [offset]], dense
     if format == "int8":
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         scale = torch.rand(n, k // INT8_GROUP_SIZE) / 64
@@ -22,9 +33,55 @@ def weights(format: str, n: int, k: int) -> tuple[list, torch.Tensor]:
     return [[w]], w
 
 
-@pytest.mark.parametrize(("format", "k"), [("fp32", 100), ("bf16", 100), ("int8", 96)])
+FORMATS = [("fp32", 100), ("bf16", 100), ("int8", 96), ("int4", 96)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Each int4 path this CPU runs, forced for the test (the others are skipped)."""
+    if request.param not in torch.ops.fusionlm.cpu_isas():
+        pytest.skip(f"this CPU does not run the {request.param} kernels")
+    previous = torch.ops.fusionlm.use_isa(request.param)
+    yield request.param
+    torch.ops.fusionlm.use_isa(previous)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 11])
+@pytest.mark.parametrize("k", [32, 96, 576])
+def test_int4_path_equals_the_dequantized_product(isa, rows, k):
+    """Every path of the int4 kernel against fp64 math on the weights it stands for, with
+    block sizes of 1, 2, 4 and 8 rows and odd and even group counts (the vector paths add
+    alternate groups into two sums)."""
+    args, dense = weights("int4", 50, k)
+    x = torch.randn(rows, k)
+    (y,) = torch.ops.fusionlm.linear_int4(x, *args)
+    reference = (x.double() @ dense.double().T).float()
+    torch.testing.assert_close(y, reference, atol=1e-4 * k**0.5, rtol=1e-5)
+
+
+def test_each_int4_path_runs_its_own_code(isa):
+    """The paths sum in different orders, so forcing one changes the low bits of a long
+    product unless it is the path that ran anyway: proof that ``use_isa`` switches code."""
+    args, _ = weights("int4", 64, 1536)
+    x = torch.randn(3, 1536)
+    results = {}
+    for path in torch.ops.fusionlm.cpu_isas():
+        torch.ops.fusionlm.use_isa(path)
+        results[path] = torch.ops.fusionlm.linear_int4(x, *args)[0]
+    torch.ops.fusionlm.use_isa(isa)
+    for path, y in results.items():
+        assert torch.equal(y, results[isa]) == (path == isa), path
+
+
+def test_use_isa_refuses_unknown_paths():
+    with pytest.raises(RuntimeError, match="unknown kernel path 'avx9'; choose auto"):
+        torch.ops.fusionlm.use_isa("avx9")
+    assert torch.ops.fusionlm.use_isa("auto") == "auto"
+
+
+@pytest.mark.parametrize(("format", "k"), FORMATS)
 def test_each_row_equals_that_row_alone(format, k):
-    """Rows share weight loads in blocks of 2 or 4; each row sums in the same order in any
+    """Rows share weight loads in blocks of 2, 4 or 8; each row sums in the same order in any
     block, so an m-row product equals each row computed alone, bit for bit (a server's
     requests must not change each other's text), and the product itself."""
     op = getattr(torch.ops.fusionlm, f"linear_{format.replace('fp32', 'f32')}")
@@ -36,7 +93,7 @@ def test_each_row_equals_that_row_alone(format, k):
     torch.testing.assert_close(together, x @ dense.T, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("format", "k"), [("fp32", 100), ("bf16", 100), ("int8", 96)])
+@pytest.mark.parametrize(("format", "k"), FORMATS)
 def test_rows_of_zeros_are_skipped(format, k):
     """A server's idle rows carry zeros: they give zeros without the weights being read
     (NaN weights or scales would make any row that read them NaN), and the other rows are as computed alone."""
@@ -48,8 +105,8 @@ def test_rows_of_zeros_are_skipped(format, k):
     assert torch.equal(y[[1, 4, 5]], torch.zeros(3, 40))
     assert torch.equal(y[[0, 2, 3]], op(x[[0, 2, 3]], *args)[0])
     nan = float("nan")
-    if format == "int8":  # int8 holds no NaN: the scales do
-        poisoned = [args[0], [torch.full_like(args[1][0], nan)]]
+    if format in ("int8", "int4"):  # integers hold no NaN: the scales do
+        poisoned = [args[0], [torch.full_like(args[1][0], nan)], *args[2:]]
     else:
         poisoned = [[torch.full_like(args[0][0], nan)]]
     (y,) = op(x, *poisoned)

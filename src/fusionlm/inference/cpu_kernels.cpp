@@ -1,28 +1,37 @@
 // Kernels for decoding on CPU, where PyTorch's general ones lose time:
 // - matrix-vector products y = x @ W.T for a few rows of fp32 activations, with W stored as
-//   fp32, as bf16, or as int8 with one fp32 scale per 32 consecutive inputs (llama.cpp's Q8_0
-//   layout). Decoding streams every weight once per token, so these run at memory bandwidth:
-//   AVX2/FMA where the compiler targets it, plain loops elsewhere. Rows of zeros are skipped.
+//   fp32, as bf16, as int8 with one fp32 scale per 32 consecutive inputs (llama.cpp's Q8_0
+//   layout), or as int4 with an fp32 scale and offset per 32 inputs (Q4_0, Q4_1 and Q4_K
+//   blocks, repacked). Decoding streams every weight once per token, so these run at memory
+//   bandwidth. fp32, bf16 and int8 use AVX2/FMA where the compiler targets it, plain loops
+//   elsewhere; int4 picks AVX-512, AVX2 or portable code when called, by what the CPU runs.
+//   Rows of zeros are skipped.
 // - attention of one query per sequence over a key/value cache that reads only the keys its
 //   mask allows (the filled slots of a fixed-length cache), not the whole buffer.
 //
 // Built on first use by fusionlm/inference/cpu_kernels.py (torch.utils.cpp_extension) and
-// called as torch.ops.fusionlm.linear_f32 / linear_bf16 / linear_int8 / decode_attention.
+// called as torch.ops.fusionlm.linear_f32 / linear_bf16 / linear_int8 / linear_int4 /
+// decode_attention.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
+#include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
 #define FUSIONLM_AVX2 1
 #endif
 
@@ -84,9 +93,10 @@ constexpr int64_t kBlockRows = 4;
 constexpr int64_t kBlockRows = 2;
 #endif
 
-// The rows of a block starting with `remaining` rows left: kBlockRows, else 2, else 1.
-inline int64_t block_rows(int64_t remaining) {
-  return remaining >= kBlockRows ? kBlockRows : remaining >= 2 ? 2 : 1;
+// The rows of a block starting with `remaining` rows left: max_block (kBlockRows or 2), else
+// 2, else 1.
+inline int64_t block_rows(int64_t remaining, int64_t max_block) {
+  return remaining >= max_block ? max_block : remaining >= 2 ? 2 : 1;
 }
 
 // out[r * out_stride] = x[r * k_size, +k_size) . w for r < R, w fp32 or bf16 (uint16_t bits).
@@ -168,6 +178,211 @@ void dot_rows_int8(const float* x, const int8_t* w, const float* scale, int64_t 
 #endif
 }
 
+// ------------------------------------------------------------- int4, paths chosen at run time
+// int4 weights: values q in [0, 15] in groups of kGroup inputs, w = scale * q + offset with one
+// fp32 scale and offset per group ([n, k / 32] each). A group's 16 bytes hold input j in the low
+// nibble of byte j and input j + 16 in its high nibble (ggml's Q4_0 / Q4_1 block order). Per row
+// of x: x . w = sum over groups g of scale_g * (x_g . q_g) + offset_g * sum(x_g), where the
+// group sums of x are computed once per call, so the inner loop only widens q and multiplies.
+//
+// Three paths, chosen per call by what the CPU runs (or forced by use_isa, for tests): AVX-512
+// (16 lanes, up to 8 rows per block), AVX2 + FMA (8 lanes, 4 rows) and portable C++. The vector
+// paths are compiled for their instruction sets by target pragmas, whatever -march the build
+// machine has, so each can be tested wherever the CPU runs it.
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+constexpr int64_t kIsaBlockRows[] = {4, 4, 8};
+
+bool cpu_runs(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::kAvx512) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  }
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return true;
+#else
+  return isa == Isa::kScalar;
+#endif
+}
+
+std::atomic<int> forced_isa{-1};  // an Isa, or -1: the best the CPU runs
+
+Isa active_isa() {
+  const int forced = forced_isa.load(std::memory_order_relaxed);
+  if (forced >= 0) return static_cast<Isa>(forced);
+  for (const Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+    if (cpu_runs(isa)) return isa;
+  }
+  return Isa::kScalar;
+}
+
+// out[r * out_stride] = row r of x [rows, groups * kGroup] times one int4 weight row, given the
+// rows' group sums x_sums [rows, groups].
+using Int4Block = void (*)(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
+                           const float* scale, const float* offset, int64_t groups, float* out,
+                           int64_t out_stride);
+
+void int4_block_scalar(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
+                       const float* scale, const float* offset, int64_t groups, float* out,
+                       int64_t out_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* qg = q + g * (kGroup / 2);
+      const float* xg = x + (r * groups + g) * kGroup;
+      float part = 0.0f;
+      for (int64_t j = 0; j < kGroup / 2; ++j) {
+        part += xg[j] * static_cast<float>(qg[j] & 0x0F) +
+                xg[j + kGroup / 2] * static_cast<float>(qg[j] >> 4);
+      }
+      total += part * scale[g] + offset[g] * x_sums[r * groups + g];
+    }
+    out[r * out_stride] = total;
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+inline float sum8(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+inline __m256 widen(__m128i nibbles) {  // the low 8 bytes (values 0-15) -> 8 fp32
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles));
+}
+
+// Groups alternate between two accumulators per row, so consecutive groups' multiply-adds do
+// not wait on each other (one row's chain of dependent adds would bound the speed).
+template <int R>
+void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const float* scale,
+               const float* offset, int64_t groups, float* out, int64_t out_stride) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const auto add_group = [&](int64_t g, int slot) {
+    const uint8_t* qg = q + g * (kGroup / 2);
+    _mm_prefetch(reinterpret_cast<const char*>(qg) + 1024, _MM_HINT_T0);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg));
+    const __m128i lo = _mm_and_si128(raw, low4);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+    const __m256 w0 = widen(lo), w1 = widen(_mm_unpackhi_epi64(lo, lo));
+    const __m256 w2 = widen(hi), w3 = widen(_mm_unpackhi_epi64(hi, hi));
+    const __m256 group_scale = _mm256_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) {
+      const float* xg = x + (r * groups + g) * kGroup;
+      __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(xg), w0);
+      __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), w1);
+      p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), w2, p0);
+      p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), w3, p1);
+      acc[r][slot] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), group_scale, acc[r][slot]);
+    }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    add_group(g, 0);
+    add_group(g + 1, 1);
+  }
+  if (g < groups) add_group(g, 0);
+  for (int r = 0; r < R; ++r) {
+    const float* sums = x_sums + r * groups;
+    __m256 offsets = _mm256_setzero_ps();
+    g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      offsets = _mm256_fmadd_ps(_mm256_loadu_ps(offset + g), _mm256_loadu_ps(sums + g), offsets);
+    }
+    float total = sum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), offsets));
+    for (; g < groups; ++g) total += offset[g] * sums[g];
+    out[r * out_stride] = total;
+  }
+}
+
+void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
+                const float* scale, const float* offset, int64_t groups, float* out,
+                int64_t out_stride) {
+  switch (rows) {
+    case 4: return int4_rows<4>(x, x_sums, q, scale, offset, groups, out, out_stride);
+    case 2: return int4_rows<2>(x, x_sums, q, scale, offset, groups, out, out_stride);
+    default: return int4_rows<1>(x, x_sums, q, scale, offset, groups, out, out_stride);
+  }
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx2,fma")
+namespace avx512 {
+
+// As avx2::int4_rows, 16 lanes wide.
+template <int R>
+void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const float* scale,
+               const float* offset, int64_t groups, float* out, int64_t out_stride) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const auto add_group = [&](int64_t g, int slot) {
+    const uint8_t* qg = q + g * (kGroup / 2);
+    _mm_prefetch(reinterpret_cast<const char*>(qg) + 1024, _MM_HINT_T0);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg));
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low4)));
+    const __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low4)));
+    const __m512 group_scale = _mm512_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) {
+      const float* xg = x + (r * groups + g) * kGroup;
+      const __m512 p = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 16), w1,
+                                       _mm512_mul_ps(_mm512_loadu_ps(xg), w0));
+      acc[r][slot] = _mm512_fmadd_ps(p, group_scale, acc[r][slot]);
+    }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    add_group(g, 0);
+    add_group(g + 1, 1);
+  }
+  if (g < groups) add_group(g, 0);
+  for (int r = 0; r < R; ++r) {
+    const float* sums = x_sums + r * groups;
+    __m512 offsets = _mm512_setzero_ps();
+    g = 0;
+    for (; g + 16 <= groups; g += 16) {
+      offsets = _mm512_fmadd_ps(_mm512_loadu_ps(offset + g), _mm512_loadu_ps(sums + g), offsets);
+    }
+    float total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), offsets));
+    for (; g < groups; ++g) total += offset[g] * sums[g];
+    out[r * out_stride] = total;
+  }
+}
+
+void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
+                const float* scale, const float* offset, int64_t groups, float* out,
+                int64_t out_stride) {
+  switch (rows) {
+    case 8: return int4_rows<8>(x, x_sums, q, scale, offset, groups, out, out_stride);
+    case 2: return int4_rows<2>(x, x_sums, q, scale, offset, groups, out, out_stride);
+    default: return int4_rows<1>(x, x_sums, q, scale, offset, groups, out, out_stride);
+  }
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+Int4Block int4_kernel(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::kAvx512) return avx512::int4_block;
+  if (isa == Isa::kAvx2) return avx2::int4_block;
+#endif
+  return int4_block_scalar;
+}
+
 // One block of `rows` rows (1, 2 or kBlockRows) through dot_rows or dot_rows_int8.
 template <typename Weight>
 void dot_block(int64_t rows, const float* x, const Weight* w, int64_t k_size, float* out,
@@ -205,11 +420,12 @@ void check_inputs(const at::Tensor& x, at::TensorList weights, at::ScalarType dt
 }
 
 // y_i[m, n] = row m of x times row n of weight i, for every weight, as one parallel pass over
-// all the weights' rows (a layer's q, k and v projections share x). block_dot(rows, x, i, n,
-// y, y_stride) computes a block of rows of x (block_rows) for row n of weight i.
+// all the weights' rows (a layer's q, k and v projections share x). block_dot(rows, m, x, i,
+// n, y, y_stride) computes a block of rows of x (block_rows, at most max_block) starting at row
+// m for row n of weight i.
 template <typename BlockDot>
 std::vector<at::Tensor> matvecs(const at::Tensor& input, at::TensorList weights,
-                                BlockDot block_dot) {
+                                BlockDot block_dot, int64_t max_block = kBlockRows) {
   const auto x = input.contiguous();
   const int64_t m_size = x.size(0), k_size = x.size(1);
   std::vector<at::Tensor> outputs;
@@ -227,8 +443,8 @@ std::vector<at::Tensor> matvecs(const at::Tensor& input, at::TensorList weights,
       if (row == first_row[i + 1]) ++i;
       const int64_t n = row - first_row[i], n_size = first_row[i + 1] - first_row[i];
       for (int64_t m = 0, rows = 0; m < m_size; m += rows) {
-        rows = block_rows(m_size - m);
-        block_dot(rows, xp + m * k_size, i, n, out[i] + m * n_size + n, n_size);
+        rows = block_rows(m_size - m, max_block);
+        block_dot(rows, m, xp + m * k_size, i, n, out[i] + m * n_size + n, n_size);
       }
     }
   });
@@ -305,8 +521,8 @@ std::vector<at::Tensor> linear_f32(const at::Tensor& x, at::TensorList weights) 
   const auto w = pointers<float>(weights);
   return skipping_zero_rows(x, [&](const at::Tensor& busy_x) {
     return matvecs(busy_x, weights,
-                   [&](int64_t rows, const float* x_rows, size_t i, int64_t n, float* y,
-                       int64_t y_stride) {
+                   [&](int64_t rows, int64_t, const float* x_rows, size_t i, int64_t n,
+                       float* y, int64_t y_stride) {
                      dot_block(rows, x_rows, w[i] + n * k, k, y, y_stride);
                    });
   });
@@ -318,8 +534,8 @@ std::vector<at::Tensor> linear_bf16(const at::Tensor& x, at::TensorList weights)
   const auto w = pointers<at::BFloat16>(weights);
   return skipping_zero_rows(x, [&](const at::Tensor& busy_x) {
     return matvecs(busy_x, weights,
-                   [&](int64_t rows, const float* x_rows, size_t i, int64_t n, float* y,
-                       int64_t y_stride) {
+                   [&](int64_t rows, int64_t, const float* x_rows, size_t i, int64_t n,
+                       float* y, int64_t y_stride) {
                      const auto* w_row = reinterpret_cast<const uint16_t*>(w[i] + n * k);
                      dot_block(rows, x_rows, w_row, k, y, y_stride);
                    });
@@ -343,12 +559,79 @@ std::vector<at::Tensor> linear_int8(const at::Tensor& x, at::TensorList weights,
   const auto s = pointers<float>(scales);
   return skipping_zero_rows(x, [&](const at::Tensor& busy_x) {
     return matvecs(busy_x, weights,
-                   [&](int64_t rows, const float* x_rows, size_t i, int64_t n, float* y,
-                       int64_t y_stride) {
+                   [&](int64_t rows, int64_t, const float* x_rows, size_t i, int64_t n,
+                       float* y, int64_t y_stride) {
                      dot_block_int8(rows, x_rows, w[i] + n * k, s[i] + n * (k / kGroup), k, y,
                                     y_stride);
                    });
   });
+}
+
+std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
+                                    at::TensorList scales, at::TensorList offsets) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a float32 [m, k] tensor");
+  const int64_t k = x.size(1), groups = k / kGroup;
+  TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
+  TORCH_CHECK(!weights.empty() && scales.size() == weights.size() &&
+                  offsets.size() == weights.size(),
+              "give at least one weight, and one scale and one offset per weight");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& weight = weights[i];
+    TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 &&
+                    weight.is_contiguous() && weight.size(1) == k / 2,
+                "each weight must be a contiguous uint8 [n, k / 2] tensor with k = ", k);
+    for (const auto* t : {&scales[i], &offsets[i]}) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) == weight.size(0) && t->size(1) == groups,
+                  "each scale and offset must be a contiguous float32 [n, k / ", kGroup,
+                  "] tensor");
+    }
+  }
+  const auto q = pointers<uint8_t>(weights);
+  const auto s = pointers<float>(scales);
+  const auto o = pointers<float>(offsets);
+  const Isa isa = active_isa();
+  const Int4Block kernel = int4_kernel(isa);
+  return skipping_zero_rows(x, [&](const at::Tensor& busy_x) {
+    const int64_t m_size = busy_x.size(0);
+    const float* xp = busy_x.data_ptr<float>();
+    std::vector<float> x_sums(m_size * groups);
+    for (int64_t g = 0; g < m_size * groups; ++g) {
+      x_sums[g] = std::accumulate(xp + g * kGroup, xp + (g + 1) * kGroup, 0.0f);
+    }
+    return matvecs(
+        busy_x, weights,
+        [&](int64_t rows, int64_t m, const float* x_rows, size_t i, int64_t n, float* y,
+            int64_t y_stride) {
+          kernel(rows, x_rows, x_sums.data() + m * groups, q[i] + n * (k / 2),
+                 s[i] + n * groups, o[i] + n * groups, groups, y, y_stride);
+        },
+        kIsaBlockRows[static_cast<int>(isa)]);
+  });
+}
+
+// The kernel paths this CPU runs, fastest first ("avx512", "avx2", "scalar").
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (const Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kScalar}) {
+    if (cpu_runs(isa)) names.emplace_back(kIsaNames[static_cast<int>(isa)]);
+  }
+  return names;
+}
+
+// Run the dispatched kernels on path `name` from now on ("auto": the fastest the CPU runs);
+// returns the previous setting. For tests and measurements.
+std::string use_isa(const std::string& name) {
+  int wanted = -1;
+  for (int isa = 0; isa < 3; ++isa) {
+    if (name == kIsaNames[isa]) wanted = isa;
+  }
+  TORCH_CHECK(wanted >= 0 || name == "auto", "unknown kernel path '", name,
+              "'; choose auto, avx512, avx2 or scalar");
+  TORCH_CHECK(wanted < 0 || cpu_runs(static_cast<Isa>(wanted)), "this CPU cannot run the ",
+              name, " kernels");
+  const int previous = forced_isa.exchange(wanted);
+  return previous < 0 ? "auto" : kIsaNames[previous];
 }
 
 // softmax(q . k[j] * scale over the keys j the mask allows) @ v, one query per (row, head).
@@ -453,6 +736,13 @@ TORCH_LIBRARY(fusionlm, m) {
   // x [m, k] fp32 @ (weights[i] [n_i, k] int8 * scales[i] [n_i, k / 32], per group of 32
   // inputs).T -> [m, n_i] fp32
   m.def("linear_int8(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor[]");
+  // x [m, k] fp32 @ (weights[i] [n_i, k / 2] uint8, two int4 values a byte, * scales[i] +
+  // offsets[i], [n_i, k / 32] fp32 each, per group of 32 inputs).T -> [m, n_i] fp32
+  m.def("linear_int4(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] offsets) -> Tensor[]");
+  // The int4 kernel's paths this CPU runs, fastest first; use_isa(name or "auto") picks one
+  // and returns the previous choice.
+  m.def("cpu_isas() -> str[]", &cpu_isas);
+  m.def("use_isa(str isa) -> str", &use_isa);
   // q [b, h, 1, d], k and v [b, h_kv, s, d], mask None or bool [1 or b, 1 or h, 1, s] (True =
   // may attend) -> [b, h, 1, d], all fp32
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
@@ -462,5 +752,6 @@ TORCH_LIBRARY_IMPL(fusionlm, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
   m.impl("decode_attention", &decode_attention);
 }

@@ -10,6 +10,11 @@ converted in registers, accumulated in fp32:
 - ``torch.ops.fusionlm.linear_f32(x [m, k] fp32, weights: [n_i, k] fp32) -> [m, n_i] fp32``
 - ``torch.ops.fusionlm.linear_bf16(x [m, k] fp32, weights: [n_i, k] bf16) -> [m, n_i] fp32``
 - ``torch.ops.fusionlm.linear_int8(x, weights: [n_i, k] int8, scales: [n_i, k / 32] fp32)``
+- ``torch.ops.fusionlm.linear_int4(x, weights: [n_i, k / 2] uint8, scales, offsets:
+  [n_i, k / 32] fp32)``: two 4-bit values a byte (see ``quantize.WeightOnlyLinear``),
+  ``w = scale * q + offset`` per group of 32 inputs. Its AVX-512, AVX2 and portable paths
+  are chosen when called, by what the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists
+  them, fastest first, and ``torch.ops.fusionlm.use_isa(name or "auto")`` forces one.
 
 Each takes a list of weights that share the input (a layer's q, k and v projections) and
 returns one output per weight, computed in one parallel pass over all their rows. And one
@@ -85,12 +90,13 @@ def load_kernels() -> bool:
     torch.library.register_fake("fusionlm::linear_f32")(_outputs_like)
     torch.library.register_fake("fusionlm::linear_bf16")(_outputs_like)
     torch.library.register_fake("fusionlm::linear_int8")(_outputs_like)
+    torch.library.register_fake("fusionlm::linear_int4")(_outputs_like)
     torch.library.register_fake("fusionlm::decode_attention")(_attention_output_like)
     return True
 
 
 def _outputs_like(
-    x: Tensor, weights: list[Tensor], scales: list[Tensor] | None = None
+    x: Tensor, weights: list[Tensor], *scales_and_offsets: list[Tensor]
 ) -> list[Tensor]:
     """The ops' outputs for tracing: ``[m, n_i]`` fp32 per weight."""
     return [x.new_empty(x.shape[0], weight.shape[0]) for weight in weights]

@@ -1,6 +1,7 @@
 """The weight formats of ``quantize`` and ``--quant``, importable without torch."""
 
-WEIGHT_FORMATS = ("bf16", "int8")
-QUANTIZATIONS = ("none", *WEIGHT_FORMATS)
+WEIGHT_FORMATS = ("bf16", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", *WEIGHT_FORMATS)
+"""``load_model``'s ``quant``: ``"auto"`` is a file's own format where a kernel runs it."""
 
 __all__ = ["QUANTIZATIONS", "WEIGHT_FORMATS"]

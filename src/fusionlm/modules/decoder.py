@@ -92,6 +92,16 @@ class TransformerDecoder(nn.Module):
     def vocab_size(self) -> int:
         return self.tok_embeddings.num_embeddings
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the activations and KV caches: the final norm's (the
+        embedding and linears may store their weights in another format)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     # -- caches ----------------------------------------------------------------------------
 
     def setup_caches(

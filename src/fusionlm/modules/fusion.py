@@ -248,6 +248,14 @@ class DeepFusionModel(nn.Module):
     def vocab_size(self) -> int:
         return self.decoder.vocab_size
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
     def setup_caches(
         self,
         batch_size: int,

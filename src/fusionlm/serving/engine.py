@@ -279,7 +279,7 @@ class Engine:
         self.model = model
         model.setup_caches(
             self.slots,
-            model.tok_embeddings.weight.dtype,
+            model.dtype,
             decoder_max_seq_len=self.ctx,
             fixed_shape=True,
         )
