@@ -9,9 +9,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor, nn
 
-from fusionlm.checkpoint.gguf import read_gguf, read_gguf_config, read_gguf_metadata
+from fusionlm.checkpoint.ggml_quants import AFFINE
+from fusionlm.checkpoint.gguf import StoredTensor, read_gguf, read_gguf_config, read_gguf_metadata
 from fusionlm.checkpoint.hf import (
     LLAMA_KEYS,
     hf_to_ours,
@@ -21,7 +23,13 @@ from fusionlm.checkpoint.hf import (
 )
 from fusionlm.inference.attention import BACKEND as ATTENTION_BACKEND
 from fusionlm.inference.cpu_kernels import load_kernels
-from fusionlm.inference.quantize import linear_weights_in_format, quantize
+from fusionlm.inference.quantize import (
+    linear_weights_in_format,
+    pack_int4,
+    quantize,
+    stored_prefix,
+    weight_only_structure,
+)
 from fusionlm.inference.weight_formats import QUANTIZATIONS
 from fusionlm.models.llama import LlamaConfig, llama
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS, resolve
@@ -52,9 +60,14 @@ def load_model(
             backend; None: ``"sdpa_cpu"`` (``sdpa`` with fusionlm's decode-attention
             kernel) where fusionlm's CPU kernels build, else ``"sdpa"``.
         max_seq_len: override the model's context length.
-        quant: ``"none"``, or weight-only linears that decode faster on CPU and compute in
-            fp32: ``"bf16"`` (bf16 weights) or ``"int8"`` (int8 weights, one scale per 32
-            inputs, as llama.cpp's Q8_0).
+        quant: ``"none"``; ``"auto"``: the file's own format where a kernel runs it (see
+            ``native_quant``); or weight-only linears and token embedding that decode faster on
+            CPU and compute in fp32: ``"bf16"`` (bf16 weights), ``"int8"`` (int8 weights, one
+            scale per 32 inputs, as llama.cpp's Q8_0) or ``"int4"`` (4-bit weights, a scale
+            and an offset per 32 inputs). From a GGUF file, int4 computes with Q4_0, Q4_1
+            and Q4_K tensors as stored, and int8 and int4 with Q8_0 tensors (no float copy,
+            no second rounding); other tensors are dequantized and converted, except that
+            int4 takes the finer grids of Q5_*, Q6_K, Q2_K and Q3_K tensors to int8.
 
     Returns:
         the model in eval mode.
@@ -69,6 +82,8 @@ def load_model(
     if attn_backend is None:
         attn_backend = ATTENTION_BACKEND if load_kernels() else "sdpa"
     path = resolve(source)
+    if quant == "auto":
+        quant = native_quant(path)
     if path.is_dir():
         model = _load_hf_dir(path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len)
     elif path.suffix == ".gguf" and path.is_file():
@@ -86,6 +101,21 @@ def load_model(
     if quant != "none":
         quantize(model, quant)
     return model.eval()
+
+
+NATIVE_QUANTS = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "BF16": "bf16"}
+"""A GGUF file's format (its most common weight type) -> the ``quant`` that computes with
+those weights as stored."""
+
+
+def native_quant(source: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
+    """The ``quant`` that runs a model's weights as its file stores them: ``"int4"`` for a
+    Q4_0, Q4_1 or Q4_K GGUF file, ``"int8"`` for Q8_0, ``"bf16"`` for BF16, else ``"none"``
+    (float files, other quantizations, transformers directories)."""
+    path = resolve(source)
+    if path.suffix != ".gguf" or not path.is_file():
+        return "none"
+    return NATIVE_QUANTS.get(read_gguf_config(path)[1], "none")
 
 
 def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> Tokenizer:
@@ -110,22 +140,54 @@ def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> Tokenizer:
 def _load_gguf(
     path: Path, *, dtype: torch.dtype, attn_backend: str, max_seq_len: int | None, quant: str
 ) -> TransformerDecoder:
-    """A GGUF file's model, its linears converted to ``quant`` tensor by tensor as they are
+    """A GGUF file's model, its weights converted to ``quant`` tensor by tensor as they are
     read: peak memory stays near the final model's size, not the float model's."""
-    convert = None if quant == "none" else functools.partial(linear_weights_in_format, format=quant)
+    convert = (
+        None
+        if quant == "none"
+        else functools.partial(_weight_only_tensor, quant=quant, dtype=dtype)
+    )
     checkpoint = read_gguf(path, dtype=dtype, convert=convert)
     model = llama(
         checkpoint.config, attn_backend=attn_backend, max_seq_len=max_seq_len, init_weights=False
     )
     state_dict = checkpoint.state_dict
     if quant != "none":
-        quantize(model, quant)  # on the meta device: the layers' structure only
-        if checkpoint.config.tie_word_embeddings:
-            # A tied head streams the whole vocabulary matrix per step: its own copy in `quant`.
-            embedding = state_dict["tok_embeddings.weight"]
-            state_dict |= linear_weights_in_format("output.weight", embedding, format=quant)
+        state_dict = weight_only_structure(model, state_dict)  # each layer in its own format
     assign_weights(model, state_dict, source=str(path))
     return model
+
+
+Q = GGMLQuantizationType
+KEPT_AS_STORED = {
+    "int4": (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0),
+    "int8": (Q.Q8_0,),
+}
+"""The GGUF types whose blocks each weight-only format computes with as stored."""
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+def _weight_only_tensor(
+    name: str, stored: StoredTensor, *, quant: str, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """One GGUF tensor of a model loaded with ``quant``, under the names of the quantized
+    model's state dict: a weight whose blocks ``quant`` computes with as stored keeps them
+    (Q8_0 as int8, Q4_0 / Q4_1 / Q4_K as int4); any other is dequantized and converted, to
+    int8 for an int4 load of a grid finer than 4 bits."""
+    if len(stored.shape) == 2 and stored.qtype in KEPT_AS_STORED.get(quant, ()):
+        rows = stored.shape[0]
+        values, scale, offset = AFFINE[stored.qtype](
+            stored.blocks.reshape(-1, GGML_QUANT_SIZES[stored.qtype][1])
+        )
+        buffers = {"weight": values.reshape(rows, -1), "scale": scale.reshape(rows, -1)}
+        if offset is not None:
+            buffers |= {"weight": pack_int4(buffers["weight"]), "offset": offset.reshape(rows, -1)}
+        prefix = stored_prefix(name)
+        return {prefix + key: tensor for key, tensor in buffers.items()}
+    format = quant
+    if quant == "int4" and stored.qtype not in FLOAT_TYPES:
+        format = "int8"
+    return linear_weights_in_format(name, stored.dequantize(dtype), format=format)
 
 
 def _load_hf_dir(
@@ -237,7 +299,13 @@ def describe(source: str | os.PathLike[str] = DEFAULT_MODEL) -> dict[str, str]:
     path = resolve(source)
     if path.suffix == ".gguf" and path.is_file():
         config, quantization = read_gguf_config(path)
-        files, fmt, dtype = [path], "gguf", "per tensor (dequantized at load)"
+        files, fmt = [path], "gguf"
+        native = NATIVE_QUANTS.get(quantization)
+        dtype = (
+            f"{native} weights as stored (--quant auto); fp32 with --quant none"
+            if native
+            else "per tensor, dequantized at load"
+        )
     elif path.is_dir():
         raw = read_config(path)
         config = LlamaConfig.from_hf(raw)

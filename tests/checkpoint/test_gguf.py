@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from fusionlm.checkpoint.gguf import GGUF_LLAMA_KEYS, read_gguf, read_gguf_metadata
-from fusionlm.inference.quantize import linear_weights_in_format, quantize
+from fusionlm.checkpoint.gguf import GGUF_LLAMA_KEYS, StoredTensor, read_gguf, read_gguf_metadata
+from fusionlm.generation import generate
+from fusionlm.inference.quantize import WeightOnlyLinear, linear_weights_in_format, quantize
 from fusionlm.loading import assign_weights, load_model
 from fusionlm.models.llama import llama
 from tests.conftest import make_hf_llama
@@ -463,27 +464,73 @@ def test_unmappable_rope_freqs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
 def test_weight_only_load_converts_tensor_by_tensor_to_the_quantized_model(
     tmp_path: Path, quant: str, tied: bool
 ) -> None:
-    """``load_model(quant=...)`` of a GGUF converts each tensor as it reads it (never the
+    """``load_model(quant=...)`` of a float GGUF converts each tensor as it reads it (never the
     whole float model at once) into exactly the model that quantizing the float load gives."""
     hf = make_hf_llama(tmp_path / "m", **SMALL, tie_word_embeddings=tied)
-    path = write_gguf(tmp_path / "m.gguf", hf, qtype=Q.Q4_1)
+    path = write_gguf(tmp_path / "m.gguf", hf, qtype=Q.F16)
     read = []
 
-    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    def convert(name: str, stored: StoredTensor) -> dict[str, torch.Tensor]:
         read.append(name)
-        return linear_weights_in_format(name, tensor, format=quant)
+        return linear_weights_in_format(name, stored.dequantize(torch.float32), format=quant)
 
     checkpoint = read_gguf(path, dtype=torch.float32, convert=convert)
     assert sorted(read) == sorted(read_gguf(path, dtype=torch.float32).state_dict)
-    dtype = torch.int8 if quant == "int8" else torch.bfloat16
+    dtype = {"int8": torch.int8, "bf16": torch.bfloat16, "int4": torch.uint8}[quant]
     assert checkpoint.state_dict["layers.0.attn.q_proj.weight"].dtype == dtype
-    assert checkpoint.state_dict["tok_embeddings.weight"].dtype == torch.float32
+    assert checkpoint.state_dict["tok_embeddings.table.weight"].dtype == dtype
     expected = quantize(load_model(path), quant).state_dict()
     actual = load_model(path, quant=quant).state_dict()
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
+
+
+def random_blocks(qtype: Q, shape: tuple[int, ...], gen: np.random.Generator) -> np.ndarray:
+    """Random blocks of ``qtype`` with finite f16 scales (and mins) of a few thousandths."""
+    blocks = gen.integers(0, 256, gguf.quant_shape_to_byte_shape(shape, qtype), dtype=np.uint8)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    view = blocks.reshape(-1, block_bytes)
+    scales = 2 if qtype in (Q.Q4_0, Q.Q8_0) else 4  # d, or d and m / dmin, first
+    halves = gen.uniform(1e-3, 1e-2, (view.shape[0], scales // 2)).astype(np.float16)
+    view[:, :scales] = halves.view(np.uint8)
+    return blocks
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_int4_computes_with_the_blocks_as_stored(tmp_path: Path, qtype: Q) -> None:
+    """``quant="int4"`` keeps Q4_0, Q4_1 and Q4_K blocks as int4 and Q8_0 as int8: each layer
+    holds exactly the weights the fp32 load dequantizes (no second rounding, embedding and
+    tied head included), its products are fp32 products of them, and greedy tokens agree."""
+    hf = make_hf_llama(
+        tmp_path / "m", hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    gen = np.random.default_rng(int(qtype))
+
+    def randomize(tensors: dict[str, Any]) -> None:
+        for name, tensor in tensors.items():
+            if tensor.ndim == 2:
+                tensors[name] = (random_blocks(qtype, tensor.shape, gen), qtype)
+
+    path = write_gguf(tmp_path / "m.gguf", hf, edit=randomize)
+    fp32, int4 = load_model(path), load_model(path, quant="int4")
+    format = "int8" if qtype == Q.Q8_0 else "int4"
+    for name, module in int4.named_modules():
+        if isinstance(module, WeightOnlyLinear) and name.startswith("layers."):
+            assert module.format == format, name
+            assert torch.equal(module.dequantize(), fp32.get_submodule(name).weight), name
+    assert int4.output is int4.tok_embeddings.table and int4.output.format == format
+    assert torch.equal(int4.output.dequantize(), fp32.tok_embeddings.weight)
+    x = torch.randn(3, 256)
+    projection = int4.layers[0].mlp.w1
+    reference = x.double() @ fp32.layers[0].mlp.w1.weight.double().T
+    torch.testing.assert_close(projection(x), reference.float(), atol=1e-5, rtol=1e-5)
+    tokens = [[1, 5, 9, 2]]
+    assert generate(int4, tokens, max_new_tokens=8, compile=False) == generate(
+        fp32, tokens, max_new_tokens=8, compile=False
+    )

@@ -1,4 +1,7 @@
-"""Faster precisions keep the default model's quality: greedy agreement and perplexity vs fp32."""
+"""Faster precisions keep the default model's quality: greedy agreement and perplexity vs fp32.
+
+bf16 and int8 round the file's weights again; int4 computes with the file's own Q4_1 weights
+(the same numbers as fp32, summed in another order), so its bar is near-identity."""
 
 from __future__ import annotations
 
@@ -25,7 +28,13 @@ PROMPTS = [
     "Why do cats purr?",
     "Write a short thank-you note to a teacher.",
 ]
-VARIANTS = {"bf16": {"quant": "bf16"}, "int8": {"quant": "int8"}}
+# variant -> (load_model options, least share of greedy tokens equal to fp32's, largest
+# relative change of perplexity)
+VARIANTS = {
+    "bf16": ({"quant": "bf16"}, 0.9, 0.02),
+    "int8": ({"quant": "int8"}, 0.9, 0.02),
+    "int4": ({"quant": "int4"}, 0.99, 0.001),
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +64,24 @@ def greedy(model, tokenizer) -> list[list[int]]:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_tokens_agree_with_fp32(reference, tokenizer, variant):
     _, expected, _ = reference
-    actual = greedy(fusionlm.load_model(**VARIANTS[variant]), tokenizer)
+    options, least, _ = VARIANTS[variant]
+    actual = greedy(fusionlm.load_model(**options), tokenizer)
     same = sum(
         a == b
         for got, want in zip(actual, expected, strict=True)
         for a, b in zip(got, want, strict=True)
     )
-    assert same / (32 * len(PROMPTS)) >= 0.9, (
+    assert same / (32 * len(PROMPTS)) >= least, (
         f"{variant}: {same} of {32 * len(PROMPTS)} tokens agree"
     )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_perplexity_within_two_percent_of_fp32(reference, tokenizer, variant):
+def test_perplexity_stays_close_to_fp32(reference, tokenizer, variant):
     _, _, expected = reference
-    actual = perplexity(
-        fusionlm.load_model(**VARIANTS[variant]), tokenizer.encode(TEXT.read_text())
-    )
-    assert abs(actual / expected - 1) <= 0.02, f"{variant}: {actual:.3f} vs fp32 {expected:.3f}"
+    options, _, largest = VARIANTS[variant]
+    actual = perplexity(fusionlm.load_model(**options), tokenizer.encode(TEXT.read_text()))
+    assert abs(actual / expected - 1) <= largest, f"{variant}: {actual:.4f} vs fp32 {expected:.4f}"
 
 
 def test_perplexity_is_plausible_and_checks_its_input(reference, tokenizer):

@@ -1,7 +1,10 @@
-"""GGML block dequantization in torch, bit-identical to gguf-py's ``gguf.quants``.
+"""GGML blocks in torch: dequantization bit-identical to gguf-py's ``gguf.quants``, and the
+integer form of the types a weight-only layer computes with as stored.
 
 ``DEQUANTIZERS[type](blocks)`` maps uint8 blocks ``[n, type_size]`` to float32 values
-``[n, block_size]`` (sizes in ``gguf.GGML_QUANT_SIZES``).
+``[n, block_size]`` (sizes in ``gguf.GGML_QUANT_SIZES``). ``AFFINE[type](blocks)`` gives the
+same values as ``(q, scale, offset)`` per group of 32: ``scale * q + offset`` (two fp32
+operations, in that order) is bit-identical to the dequantized value.
 """
 
 from __future__ import annotations
@@ -151,6 +154,40 @@ def _dq_q6_k(b: Tensor) -> Tensor:
     return (d * q).view(n, 256)
 
 
+# The affine forms: q [n, block] (uint8 0-15 for the 4-bit types, int8 for Q8_0), scale and
+# offset fp32 [n, block / 32] (offset None for Q8_0). Every product scale * q is exact in fp32
+# (an f16 scale, or Q4_K's f16 x 6-bit scale, times a 4-bit value), and so is Q4_0's
+# d * q - 8 * d = d * (q - 8): only Q4_1 and Q4_K round once, in their additions, as the
+# dequantizers do.
+
+
+def _affine_q8_0(b: Tensor) -> tuple[Tensor, Tensor, None]:
+    return b[:, 2:].view(torch.int8).clone(), _f16(b[:, :2]), None
+
+
+def _affine_q4_0(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d = _f16(b[:, :2])
+    return _nibbles(b[:, 2:], 16).reshape(-1, 32), d, d * -8.0
+
+
+def _affine_q4_1(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _nibbles(b[:, 4:], 16).reshape(-1, 32), _f16(b[:, :2]), _f16(b[:, 2:4])
+
+
+def _affine_q4_k(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n = b.shape[0]
+    d, dm = _k_scales(b)
+    return _nibbles(b[:, 16:], 32).reshape(n, 256), d.view(n, 8), -dm.view(n, 8)
+
+
+AFFINE: dict[GGMLQuantizationType, Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]] = {
+    Q.Q8_0: _affine_q8_0,
+    Q.Q4_0: _affine_q4_0,
+    Q.Q4_1: _affine_q4_1,
+    Q.Q4_K: _affine_q4_k,
+}
+
+
 DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[Tensor], Tensor]] = {
     Q.F32: _dq_f32,
     Q.F16: _dq_f16,
@@ -168,4 +205,4 @@ DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[Tensor], Tensor]] = {
 }
 
 
-__all__ = ["DEQUANTIZERS"]
+__all__ = ["AFFINE", "DEQUANTIZERS"]

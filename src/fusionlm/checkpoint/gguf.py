@@ -39,6 +39,7 @@ from fusionlm.models.llama import LlamaConfig
 __all__ = [
     "GGUF_LLAMA_KEYS",
     "GGUFCheckpoint",
+    "StoredTensor",
     "read_gguf",
     "read_gguf_config",
     "read_gguf_metadata",
@@ -127,16 +128,17 @@ def read_gguf(
     path: Path,
     *,
     dtype: torch.dtype,
-    convert: Callable[[str, Tensor], dict[str, Tensor]] | None = None,
+    convert: Callable[[str, StoredTensor], dict[str, Tensor]] | None = None,
 ) -> GGUFCheckpoint:
     """Read a ``general.architecture = llama`` GGUF file.
 
     Args:
         path: the ``.gguf`` file.
         dtype: the floating dtype of the returned tensors.
-        convert: called with each tensor (our name, dequantized to ``dtype``) as soon as it is
-            read; what it returns goes into the state dict in its place. A loader that
-            quantizes converts tensor by tensor, never holding the whole float model.
+        convert: called with each tensor (our name, and the tensor as stored) as soon as it is
+            read; what it returns goes into the state dict in its place (by default
+            ``{name: stored.dequantize(dtype)}``). A loader that quantizes converts tensor by
+            tensor, never holding the whole float model, and may keep the file's own blocks.
 
     Raises:
         FileNotFoundError: no such file.
@@ -153,6 +155,10 @@ def read_gguf(
         _check_names(tensors, path=path)
         _check_types(tensors.values(), path=path)
         workers = torch.get_num_threads()
+
+        def dequantized(name: str, stored: StoredTensor) -> dict[str, Tensor]:
+            return {name: stored.dequantize(dtype)}
+
         with _one_torch_thread(), ThreadPoolExecutor(workers) as pool:
             loading = {}
             for info in tensors.values():
@@ -161,7 +167,7 @@ def read_gguf(
                 ours = GGUF_LLAMA_KEYS.to_ours(info.name)
                 assert ours is not None  # _check_names
                 loading[ours] = pool.submit(
-                    _read_tensor, buf, info, ours, dtype=dtype, config=config, convert=convert
+                    _read_tensor, buf, info, ours, config=config, convert=convert or dequantized
                 )
             state_dict = {k: v for future in loading.values() for k, v in future.result().items()}
     return GGUFCheckpoint(
@@ -463,7 +469,9 @@ def _rope_scaling(
         if kind != "none":
             raise ValueError(f"{path}: rope_freqs.weight together with {kind} scaling")
         _check_types([tensors[_ROPE_FREQS]], path=path)
-        factors = _load_tensor(buf, tensors[_ROPE_FREQS], dtype=torch.float64, permute_heads=None)
+        (factors,) = _read_tensor(
+            buf, tensors[_ROPE_FREQS], _ROPE_FREQS, config=None, convert=_as_float64
+        ).values()
         theta = float(metadata.get("llama.rope.freq_base", 10_000.0))
         return _llama3_rope(factors, theta=theta, head_dim=head_dim, path=path)
     if kind == "none":
@@ -618,41 +626,71 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as the file stores it, rows in transformers' order (llama.cpp's Q/K row
+    interleaving undone).
+
+    Attributes:
+        qtype: the GGML type.
+        shape: ``[out, in]`` (or ``[n]``).
+        blocks: uint8 ``[rows, bytes per row]``; valid only during ``read_gguf``'s ``convert``
+            call (it may be a view of the memory-mapped file): copy what you keep.
+    """
+
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    blocks: Tensor = dataclasses.field(repr=False)  # reading it after the map closes would crash
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The values ``[*shape]`` in ``dtype`` (a fresh tensor), bit-identical to
+        ``gguf.quants.dequantize`` rounded to ``dtype``."""
+        kernel = DEQUANTIZERS[self.qtype]
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        blocks = self.blocks.reshape(-1, size)
+        out = torch.empty(blocks.shape[0], block, dtype=dtype)
+        for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+            out[start : start + _CHUNK_BLOCKS] = kernel(blocks[start : start + _CHUNK_BLOCKS])
+        return out.view(self.shape)
+
+
+def _as_float64(name: str, stored: StoredTensor) -> dict[str, Tensor]:
+    return {name: stored.dequantize(torch.float64)}
+
+
 def _read_tensor(
     buf: mmap.mmap,
     info: _TensorInfo,
     ours: str,
     *,
-    dtype: torch.dtype,
-    config: LlamaConfig,
-    convert: Callable[[str, Tensor], dict[str, Tensor]] | None,
+    config: LlamaConfig | None,
+    convert: Callable[[str, StoredTensor], dict[str, Tensor]],
 ) -> dict[str, Tensor]:
-    """One tensor of the file under our name, through ``convert`` if given."""
-    tensor = _load_tensor(buf, info, dtype=dtype, permute_heads=_permuted_heads(ours, config))
-    return {ours: tensor} if convert is None else convert(ours, tensor)
+    """One tensor of the file under our name, through ``convert``.
 
-
-def _load_tensor(
-    buf: mmap.mmap, info: _TensorInfo, *, dtype: torch.dtype, permute_heads: int | None
-) -> Tensor:
-    """One tensor, ``[out, in]``, dequantized to ``dtype`` (a fresh copy, not a view of ``buf``).
-
-    ``permute_heads`` undoes llama.cpp's Q/K row interleaving for that many heads.
+    Rows are independent in every GGML type, so undoing llama.cpp's Q/K row interleaving moves
+    raw bytes (cheaper than moving floats): it stored row (h, i, p) where transformers has
+    (h, p, i).
     """
-    kernel = DEQUANTIZERS[info.qtype]  # type: ignore[index]
-    block, size = GGML_QUANT_SIZES[info.qtype]
     rows = math.prod(info.shape[:-1])
     if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=dtype)
-    raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-    raw = raw.view(rows, -1)
-    if permute_heads is not None:
-        # Rows are independent in every GGML type, so the permutation moves raw bytes (cheaper
-        # than moving floats). llama.cpp stored row (h, i, p) where transformers has (h, p, i).
-        raw = raw.view(permute_heads, -1, 2, raw.shape[-1]).transpose(1, 2).reshape(rows, -1)
-    blocks = raw.reshape(-1, size)
-    out = torch.empty(blocks.shape[0], block, dtype=dtype)
-    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        chunk = blocks[start : start + _CHUNK_BLOCKS]
-        out[start : start + _CHUNK_BLOCKS] = kernel(chunk)
-    return out.view(info.shape)
+        raw = torch.empty(rows, 0, dtype=torch.uint8)
+    else:
+        raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        raw = raw.view(rows, -1)
+    heads = None if config is None else _permuted_heads(ours, config)
+    if heads is not None:
+        raw = raw.view(heads, -1, 2, raw.shape[-1]).transpose(1, 2).reshape(rows, -1)
+    converted = convert(ours, StoredTensor(qtype=info.qtype, shape=info.shape, blocks=raw))
+    _release_pages(buf, info)
+    return converted
+
+
+def _release_pages(buf: mmap.mmap, info: _TensorInfo) -> None:
+    """Drop a converted tensor's pages of the file from the process's memory. Read pages of a
+    map count as the process's own until it is closed: without this, loading the default model
+    peaked ~85 MB (the file) above the loaded model. The map is never written, so a page still
+    needed (one shared with the next tensor) is read again from the file."""
+    if info.nbytes and hasattr(mmap, "MADV_DONTNEED"):
+        start = info.offset - info.offset % mmap.PAGESIZE
+        buf.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
