@@ -21,7 +21,7 @@ file lock, so concurrent processes neither corrupt nor duplicate each other's wo
 Two compile settings, each measured on the default model:
 
 - fp32 matmuls with at most ``MATVEC_MAX_ROWS`` rows become ``fusionlm::linear_f32``, the
-  streaming kernel of ``cpu_kernels`` (weight-only bf16 and int8 layers call theirs
+  streaming kernel of ``cpu_kernels`` (weight-only bf16, int8 and int4 layers call theirs
   themselves), and kernel calls that share an input become one call
   (``StreamingMatvecs``, a post-grad graph pass);
 - no constant folding of uniform buffers (``joint_graph_constant_folding``): a KV cache's
@@ -131,7 +131,7 @@ def step_key(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> s
         "tensors": tensors,
         "batch_size": batch_size,
         "cache_len": cache_len,
-        "cache_dtype": str(model.tok_embeddings.weight.dtype),
+        "cache_dtype": str(model.dtype),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": sys.version_info[:2],
@@ -251,7 +251,7 @@ def _build(
     from torch._inductor import aoti_compile_and_package
 
     load_kernels()
-    dtype = model.tok_embeddings.weight.dtype
+    dtype = model.dtype
     had_caches = model.caches_are_setup()
     if not had_caches:
         model.setup_caches(batch_size, dtype, decoder_max_seq_len=cache_len, fixed_shape=True)
@@ -329,6 +329,49 @@ def stored_step_path(model: TransformerDecoder, *, batch_size: int, cache_len: i
     return _locate(model, batch_size=batch_size, cache_len=cache_len)[1]
 
 
+_BOUND: dict[int, dict[str, Tensor]] = {}
+"""Per loaded step (by ``id``), the tensors it was last bound to."""
+
+
+def _bind(runner: torch._C._aoti.AOTIModelPackageLoader, model: TransformerDecoder) -> None:
+    """Make ``runner`` compute with ``model``'s own tensors (user-managed: not copied), so the
+    step reads its weights and writes its KV caches.
+
+    AOTInductor keeps a reference to every user-managed tensor it is given, for good (torch
+    2.13: ``MaybeOwningAtenTensorHandle`` makes a handle it never frees), so binding each
+    token loop's fresh caches kept them all: +12 MB per short reply and +35 MB per 512-token
+    prompt of the default model, without end. A step already bound to this model's weights
+    keeps its caches instead: the model's new, empty caches are copied into them and the
+    model computes on those. Only a step run for another model (or new cache shapes) binds
+    again.
+    """
+    tensors = _named_tensors(model, prefix="model")
+    wanted = {name: tensors[name] for name in runner.get_constant_fqns()}
+    bound = _BOUND.get(id(runner))
+    caches = {
+        name for name, module in model.named_modules(prefix="model") if isinstance(module, KVCache)
+    }
+
+    def in_cache(name: str) -> bool:
+        return name.rsplit(".", 1)[0] in caches
+
+    reusable = bound is not None and all(
+        (tensor.shape, tensor.dtype) == (bound[name].shape, bound[name].dtype)
+        if in_cache(name)
+        else tensor is bound[name]
+        for name, tensor in wanted.items()
+    )
+    if not reusable:
+        runner.load_constants(wanted, False, True, True)
+        _BOUND[id(runner)] = wanted
+        return
+    for name, tensor in wanted.items():
+        if in_cache(name) and tensor is not bound[name]:
+            held = bound[name].copy_(tensor)
+            module_name, attribute = name.removeprefix("model.").rsplit(".", 1)
+            setattr(model.get_submodule(module_name), attribute, held)
+
+
 class DecodeStep:
     """One decode step of ``model`` over its fixed-shape KV cache, set up for this token
     loop: the stored compiled step where there is one (``compile`` says what happens where
@@ -363,10 +406,7 @@ class DecodeStep:
             runner = _stored_loader(path, key)
             if runner is None:
                 return
-            tensors = _named_tensors(model, prefix="model")
-            # The model's own tensors (user-managed: not copied), so the step writes its caches.
-            constants = {name: tensors[name] for name in runner.get_constant_fqns()}
-            runner.load_constants(constants, False, True, True)
+            _bind(runner, model)
         except (OSError, RuntimeError, KeyError) as error:
             warnings.warn(
                 f"decoding eagerly: the compiled decode step is not available ({error})",
@@ -414,6 +454,7 @@ def streaming_matvecs() -> CustomGraphPass:
         fusionlm.linear_f32.default,
         fusionlm.linear_bf16.default,
         fusionlm.linear_int8.default,
+        fusionlm.linear_int4.default,
     )
     view_ops = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
@@ -479,7 +520,8 @@ def streaming_matvecs() -> CustomGraphPass:
             """One call in place of ``calls`` (same kernel, same input, in graph order); the
             outputs' readers (``getitem``) read the merged call's outputs instead."""
             first = calls[0]
-            # Per list argument (weights; scales for int8), every call's list, concatenated.
+            # Per list argument (weights; scales for int8 and int4; offsets for int4), every
+            # call's list, concatenated.
             lists = [
                 [tensor for call in calls for tensor in call.args[position]]
                 for position in range(1, len(first.args))
