@@ -11,8 +11,9 @@ Every measurement runs in a fresh subprocess (so peak RSS and thread settings ar
 ``--rounds`` times per system, interleaved with the other systems' (the table keeps each
 system's best decode and prefill), at batch size 1: decode = ``--new-tokens`` greedy tokens
 after a ``--prompt-len`` prompt, prefill = a ``--prefill-len`` prompt. The weights are the
-default model's (SmolLM2-135M-Instruct, shipped as Q4_1): fusionlm and transformers
-dequantize it at load; llama.cpp gets F32 / BF16 / Q8_0 files made from it by llama.cpp's
+default model's (SmolLM2-135M-Instruct, shipped as Q4_1): in the int4 mode fusionlm and
+llama.cpp both run the shipped file as stored; in the others fusionlm and transformers
+dequantize it at load and llama.cpp gets F32 / BF16 / Q8_0 files made from it by llama.cpp's
 own quantizer (cached under benchmarks/.cache/).
 """
 
@@ -33,9 +34,10 @@ CACHE = Path(__file__).parent / ".cache"
 # weight-only, as llama.cpp's BF16 file: bf16 weights, fp32 activations (a whole bf16 model,
 # ``--dtype bfloat16``, disagrees with fp32 on a quarter of greedy tokens).
 MODES = {
-    "fp32": (["--dtype", "float32"], "float32", "F32"),
+    "fp32": (["--quant", "none"], "float32", "F32"),
     "bf16": (["--quant", "bf16"], "bfloat16", "BF16"),
     "int8": (["--quant", "int8"], None, "Q8_0"),
+    "int4": (["--quant", "int4"], None, "Q4_1"),
 }
 LLAMA_FTYPES = {"F32": 0, "BF16": 32, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_* values
 
@@ -106,9 +108,12 @@ def measure_transformers(dtype: str, args: argparse.Namespace) -> dict:
 
 
 def llama_cpp_file(ftype: str) -> Path:
-    """The default model requantized by llama.cpp itself (allow_requantize: from Q4_1)."""
+    """The shipped file for Q4_1, else the default model requantized by llama.cpp itself
+    (allow_requantize: from Q4_1)."""
     import llama_cpp
 
+    if ftype == "Q4_1":
+        return default_gguf()
     target = CACHE / f"smollm2-135m-instruct.{ftype}.gguf"
     if not target.exists():
         CACHE.mkdir(exist_ok=True)

@@ -34,7 +34,11 @@ from compare import default_gguf, llama_cpp_file, measure_llama_cpp
 
 FUSIONLM = [sys.executable, "-m", "fusionlm"]
 # mode -> (fusionlm options, llama.cpp file type)
-MODES = {"fp32": ([], "F32"), "int8": (["--quant", "int8"], "Q8_0")}
+MODES = {
+    "fp32": (["--quant", "none"], "F32"),
+    "int8": (["--quant", "int8"], "Q8_0"),
+    "int4": (["--quant", "int4"], "Q4_1"),
+}
 REPLY_LENGTHS = (16, 200)
 # The default model answers this with more than 200 tokens, so every reply runs its length.
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."

@@ -1,13 +1,14 @@
 """`fusionlm serve` against llama.cpp's `llama-server` under load: same weights, one run, ratios.
 
     make peers                      # builds .venv/bin/llama-server from llama.cpp's sources, once
-    .venv/bin/python benchmarks/serve_load.py [--modes fp32 int8] [--concurrency 1 4 8]
+    .venv/bin/python benchmarks/serve_load.py [--modes fp32 int8 int4] [--concurrency 1 4 8]
         [--rounds 1] [--json results.json] [--only fusionlm|llama-server]
 
 Both servers speak the OpenAI API on 127.0.0.1, with the same weights and precision, threads,
 slots and context per slot. fp32: ``fusionlm serve`` with the default model (SmolLM2-135M-Instruct,
 its Q4_1 GGUF dequantized to fp32) against llama-server on the F32 file ``compare.py`` makes
-from the same weights; int8: ``fusionlm serve --quant int8`` against the Q8_0 file. llama-server
+from the same weights; int8: ``fusionlm serve --quant int8`` against the Q8_0 file; int4:
+``--quant int4`` against the shipped Q4_1 file, both running its blocks as stored. llama-server
 gets ``-np SLOTS -c SLOTS*CTX`` (a KV cache of CTX tokens per slot) and ``--cache-ram 0`` (its
 host-memory prompt cache copies slot states whenever a slot changes hands, and adds to its
 memory); otherwise its defaults (an f16 KV cache among them). The first start of ``fusionlm
@@ -64,7 +65,11 @@ from compare import default_gguf, llama_cpp_file
 
 SERVERS = ("fusionlm", "llama-server")
 # mode -> (fusionlm serve options, llama.cpp file type)
-MODES = {"fp32": ([], "F32"), "int8": (["--quant", "int8"], "Q8_0")}
+MODES = {
+    "fp32": (["--quant", "none"], "F32"),
+    "int8": (["--quant", "int8"], "Q8_0"),
+    "int4": (["--quant", "int4"], "Q4_1"),
+}
 LLAMA_SERVER = Path(sys.executable).parent / "llama-server"  # where `make peers` puts it
 QUESTIONS = [
     "What is the capital of France?",

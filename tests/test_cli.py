@@ -175,7 +175,7 @@ def test_a_run_without_a_stored_step_decodes_eagerly_and_builds_it_for_the_next(
     argv = ["generate", "What is the capital of France?", "--max-new-tokens", "8"]
     argv += ["--threads", "2", "--model", DEFAULT_MODEL]
     torch.set_num_threads(2)
-    step = stored_step_path(fusionlm.load_model(), batch_size=1, cache_len=256)
+    step = stored_step_path(fusionlm.load_model(quant="auto"), batch_size=1, cache_len=256)
     step.unlink(missing_ok=True)  # another test may have built it in this session's cache
     assert main(argv) == 0
     err = capsys.readouterr().err

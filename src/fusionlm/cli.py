@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--quant",
         choices=QUANTIZATIONS,
-        default="none",
-        help="weight-only linears computing in fp32: bf16 weights, or int8 with group-32 scales",
+        default="auto",
+        help="weights computing in fp32 activations: auto (default) runs a GGUF file's own "
+        "Q4_0/Q4_1/Q4_K (as int4), Q8_0 (int8) or BF16 weights as stored, anything else as "
+        "fp32 (none); or convert to bf16, int8 (group-32 scales) or int4 (group-32 scales "
+        "and offsets)",
     )
     model.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
@@ -384,6 +387,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _sampling(args)  # validate options before the model loads
     images = _load_images(args.image)  # a bad path fails before the model loads
     model, tokenizer, load_s = _load(args)
+    from fusionlm.inference.quantize import precision
     from fusionlm.modules.fusion import DeepFusionModel
 
     if images and not isinstance(model, DeepFusionModel):
@@ -404,7 +408,10 @@ def run_generate(args: argparse.Namespace) -> int:
     step = _reply_step(args, model, len(ids))
     mode = "compiled" if step is not None and step[0].is_file() else "eager"
     _, stats = _stream_reply(model, tokenizer, ids, args, images=images)
-    print(f"load {load_s:.2f} s | {mode} decode | {stats.summary()}", file=sys.stderr)
+    print(
+        f"{precision(model)} | load {load_s:.2f} s | {mode} decode | {stats.summary()}",
+        file=sys.stderr,
+    )
     _build_if_missing(args, step)
     return 0
 
@@ -425,8 +432,11 @@ def run_chat(args: argparse.Namespace) -> int:
     model, tokenizer, load_s = _load(args)
     if not tokenizer.is_chat:
         raise UsageError(f"{args.model} has no chat template; use `fusionlm generate --raw`")
+    from fusionlm.inference.quantize import precision
+
     print(
-        f"loaded {args.model} in {load_s:.2f} s; /reset clears the history, Ctrl-D exits",
+        f"loaded {args.model} ({precision(model)}) in {load_s:.2f} s; /reset clears the "
+        "history, Ctrl-D exits",
         file=sys.stderr,
     )
     turns: list[dict[str, str]] = []
