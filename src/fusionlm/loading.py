@@ -25,7 +25,6 @@ from fusionlm.inference.attention import BACKEND as ATTENTION_BACKEND
 from fusionlm.inference.cpu_kernels import load_kernels
 from fusionlm.inference.quantize import (
     linear_weights_in_format,
-    pack_int4,
     quantize,
     stored_prefix,
     weight_only_structure,
@@ -60,14 +59,15 @@ def load_model(
             backend; None: ``"sdpa_cpu"`` (``sdpa`` with fusionlm's decode-attention
             kernel) where fusionlm's CPU kernels build, else ``"sdpa"``.
         max_seq_len: override the model's context length.
-        quant: ``"none"``; ``"auto"``: the file's own format where a kernel runs it (see
-            ``native_quant``); or weight-only linears and token embedding that decode faster on
+        quant: ``"none"``; ``"auto"``: a GGUF file's weights in the file's own format where a
+            kernel runs it, the others in ``dtype``, all exactly as stored (a transformers
+            directory: ``"none"``); or weight-only linears and token embedding that decode faster on
             CPU and compute in fp32: ``"bf16"`` (bf16 weights), ``"int8"`` (int8 weights, one
             scale per 32 inputs, as llama.cpp's Q8_0) or ``"int4"`` (4-bit weights, a scale
             and an offset per 32 inputs). From a GGUF file, int4 computes with Q4_0, Q4_1
             and Q4_K tensors as stored, and int8 and int4 with Q8_0 tensors (no float copy,
             no second rounding); other tensors are dequantized and converted, except that
-            int4 takes the finer grids of Q5_*, Q6_K, Q2_K and Q3_K tensors to int8.
+            int4 refuses the finer grids of Q5_*, Q6_K, Q2_K and Q3_K tensors.
 
     Returns:
         the model in eval mode.
@@ -82,8 +82,6 @@ def load_model(
     if attn_backend is None:
         attn_backend = ATTENTION_BACKEND if load_kernels() else "sdpa"
     path = resolve(source)
-    if quant == "auto":
-        quant = native_quant(path)
     if path.is_dir():
         model = _load_hf_dir(path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len)
     elif path.suffix == ".gguf" and path.is_file():
@@ -98,24 +96,15 @@ def load_model(
         raise FileNotFoundError(
             f"no model at {path}: expected a registered name {sorted(MODELS)}, a .gguf file or a transformers directory"
         )
-    if quant != "none":
+    if quant not in ("none", "auto"):
         quantize(model, quant)
     return model.eval()
 
 
-NATIVE_QUANTS = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "BF16": "bf16"}
-"""A GGUF file's format (its most common weight type) -> the ``quant`` that computes with
-those weights as stored."""
-
-
-def native_quant(source: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
-    """The ``quant`` that runs a model's weights as its file stores them: ``"int4"`` for a
-    Q4_0, Q4_1 or Q4_K GGUF file, ``"int8"`` for Q8_0, ``"bf16"`` for BF16, else ``"none"``
-    (float files, other quantizations, transformers directories)."""
-    path = resolve(source)
-    if path.suffix != ".gguf" or not path.is_file():
-        return "none"
-    return NATIVE_QUANTS.get(read_gguf_config(path)[1], "none")
+Q = GGMLQuantizationType
+STORED_FORMATS = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q4_K: "int4", Q.Q8_0: "int8", Q.BF16: "bf16"}
+"""The GGUF tensor types a weight-only format computes with as stored, and that format."""
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 
 def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> Tokenizer:
@@ -153,41 +142,57 @@ def _load_gguf(
     )
     state_dict = checkpoint.state_dict
     if quant != "none":
-        state_dict = weight_only_structure(model, state_dict)  # each layer in its own format
+        # Each layer in its own format.
+        state_dict = weight_only_structure(model, state_dict, dtype=dtype)
     assign_weights(model, state_dict, source=str(path))
     return model
-
-
-Q = GGMLQuantizationType
-KEPT_AS_STORED = {
-    "int4": (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0),
-    "int8": (Q.Q8_0,),
-}
-"""The GGUF types whose blocks each weight-only format computes with as stored."""
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 
 def _weight_only_tensor(
     name: str, stored: StoredTensor, *, quant: str, dtype: torch.dtype
 ) -> dict[str, Tensor]:
     """One GGUF tensor of a model loaded with ``quant``, under the names of the quantized
-    model's state dict: a weight whose blocks ``quant`` computes with as stored keeps them
-    (Q8_0 as int8, Q4_0 / Q4_1 / Q4_K as int4); any other is dequantized and converted, to
-    int8 for an int4 load of a grid finer than 4 bits."""
-    if len(stored.shape) == 2 and stored.qtype in KEPT_AS_STORED.get(quant, ()):
-        rows = stored.shape[0]
-        values, scale, offset = AFFINE[stored.qtype](
-            stored.blocks.reshape(-1, GGML_QUANT_SIZES[stored.qtype][1])
-        )
-        buffers = {"weight": values.reshape(rows, -1), "scale": scale.reshape(rows, -1)}
-        if offset is not None:
-            buffers |= {"weight": pack_int4(buffers["weight"]), "offset": offset.reshape(rows, -1)}
-        prefix = stored_prefix(name)
-        return {prefix + key: tensor for key, tensor in buffers.items()}
-    format = quant
+    model's state dict.
+
+    A weight whose blocks a kernel computes with as stored keeps them (Q4_0, Q4_1 and Q4_K as
+    int4, Q8_0 as int8, BF16 as bf16), where ``quant`` allows: ``"auto"`` all of them, int4
+    the int4 and int8 ones, int8 and bf16 their own. Otherwise ``"auto"`` dequantizes the
+    tensor to ``dtype`` (fp32: the file's weights exactly), and the others convert it to
+    ``quant``, except that int4 refuses a finer grid (Q5_*, Q6_K, Q2_K, Q3_K), which it would
+    round a second time.
+
+    Raises:
+        ValueError: int4 and a tensor of such a type, named with the choices.
+    """
+    as_stored = STORED_FORMATS.get(stored.qtype)
+    allowed = {"auto": ("int4", "int8", "bf16"), "int4": ("int4", "int8")}.get(quant, (quant,))
+    if len(stored.shape) != 2 or not name.endswith(".weight"):
+        return {name: stored.dequantize(dtype)}
+    if as_stored in allowed:
+        return {stored_prefix(name) + key: t for key, t in _as_stored(stored, as_stored).items()}
+    if quant == "auto":
+        return {name: stored.dequantize(dtype)}
     if quant == "int4" and stored.qtype not in FLOAT_TYPES:
-        format = "int8"
-    return linear_weights_in_format(name, stored.dequantize(dtype), format=format)
+        raise ValueError(
+            f"tensor {name} is {stored.qtype.name}, which int4 does not run as stored (it runs "
+            "Q4_0, Q4_1 and Q4_K blocks, and Q8_0 as int8) and would round a second time; "
+            "load this file with quant 'auto' (such tensors in fp32), 'int8' or 'none'"
+        )
+    return linear_weights_in_format(name, stored.dequantize(dtype), format=quant)
+
+
+def _as_stored(stored: StoredTensor, format: str) -> dict[str, Tensor]:
+    """A GGUF weight's blocks as a ``WeightOnlyLinear`` of ``format`` holds them, unrounded."""
+    if format == "bf16":
+        return {"weight": stored.dequantize(torch.bfloat16)}
+    rows = stored.shape[0]
+    values, scale, offset = AFFINE[stored.qtype](
+        stored.blocks.reshape(-1, GGML_QUANT_SIZES[stored.qtype][1])
+    )
+    buffers = {"weight": values.reshape(rows, -1), "scale": scale.reshape(rows, -1)}
+    if offset is not None:  # 4-bit values, packed as int4 layers hold them
+        buffers["offset"] = offset.reshape(rows, -1)
+    return buffers
 
 
 def _load_hf_dir(
@@ -300,9 +305,9 @@ def describe(source: str | os.PathLike[str] = DEFAULT_MODEL) -> dict[str, str]:
     if path.suffix == ".gguf" and path.is_file():
         config, quantization = read_gguf_config(path)
         files, fmt = [path], "gguf"
-        native = NATIVE_QUANTS.get(quantization)
+        native = STORED_FORMATS.get(getattr(Q, quantization, None))
         dtype = (
-            f"{native} weights as stored (--quant auto); fp32 with --quant none"
+            f"{quantization} as {native} weights, as stored (--quant auto); fp32 with --quant none"
             if native
             else "per tensor, dequantized at load"
         )

@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fusionlm.checkpoint.gguf import GGUF_LLAMA_KEYS, StoredTensor, read_gguf, read_gguf_metadata
 from fusionlm.generation import generate
@@ -501,11 +502,18 @@ def random_blocks(qtype: Q, shape: tuple[int, ...], gen: np.random.Generator) ->
     return blocks
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
-def test_int4_computes_with_the_blocks_as_stored(tmp_path: Path, qtype: Q) -> None:
-    """``quant="int4"`` keeps Q4_0, Q4_1 and Q4_K blocks as int4 and Q8_0 as int8: each layer
-    holds exactly the weights the fp32 load dequantizes (no second rounding, embedding and
-    tied head included), its products are fp32 products of them, and greedy tokens agree."""
+@pytest.mark.parametrize(
+    ("qtype", "quant"),
+    [(Q.Q4_0, "int4"), (Q.Q4_1, "int4"), (Q.Q4_K, "int4"), (Q.Q8_0, "int4"), (Q.Q8_0, "int8")],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_weight_only_layers_compute_with_the_blocks_as_stored(
+    tmp_path: Path, qtype: Q, quant: str
+) -> None:
+    """``quant="int4"`` keeps Q4_0, Q4_1 and Q4_K blocks as int4, and int4 and int8 keep Q8_0
+    as int8: each layer holds exactly the weights the fp32 load dequantizes (no second
+    rounding, embedding and tied head included), its products are fp32 products of them,
+    and greedy tokens agree."""
     hf = make_hf_llama(
         tmp_path / "m", hidden_size=256, intermediate_size=256, num_hidden_layers=2,
         tie_word_embeddings=True,
@@ -518,7 +526,7 @@ def test_int4_computes_with_the_blocks_as_stored(tmp_path: Path, qtype: Q) -> No
                 tensors[name] = (random_blocks(qtype, tensor.shape, gen), qtype)
 
     path = write_gguf(tmp_path / "m.gguf", hf, edit=randomize)
-    fp32, int4 = load_model(path), load_model(path, quant="int4")
+    fp32, int4 = load_model(path), load_model(path, quant=quant)
     format = "int8" if qtype == Q.Q8_0 else "int4"
     for name, module in int4.named_modules():
         if isinstance(module, WeightOnlyLinear) and name.startswith("layers."):
@@ -534,3 +542,33 @@ def test_int4_computes_with_the_blocks_as_stored(tmp_path: Path, qtype: Q) -> No
     assert generate(int4, tokens, max_new_tokens=8, compile=False) == generate(
         fp32, tokens, max_new_tokens=8, compile=False
     )
+    bf16 = load_model(path, quant=quant, dtype=torch.bfloat16)  # bf16 activations
+    assert bf16(torch.tensor(tokens)).dtype == torch.bfloat16
+
+
+def test_auto_runs_each_tensor_as_stored_and_int4_refuses_a_finer_grid(tmp_path: Path) -> None:
+    """A file mixing types: ``quant="auto"`` runs Q4_1 as int4 and keeps a Q5_0 tensor and the
+    F16 embedding exactly as fp32; ``"int4"`` refuses the Q5_0 tensor (it would round it
+    again), naming it and the choices."""
+    hf = make_hf_llama(tmp_path / "m", **SMALL, tie_word_embeddings=True)
+    finer = "blk.0.ffn_down.weight"
+
+    def mix(tensors: dict[str, Any]) -> None:
+        for name, tensor in tensors.items():
+            if tensor.ndim == 2 and name != "token_embd.weight":
+                qtype = Q.Q5_0 if name == finer else Q.Q4_1
+                tensors[name] = (gguf.quants.quantize(np.asarray(tensor), qtype), qtype)
+
+    path = write_gguf(tmp_path / "m.gguf", hf, qtype=Q.F16, edit=mix)
+    fp32, auto = load_model(path), load_model(path, quant="auto")
+    assert auto.layers[0].attn.q_proj.format == "int4"
+    assert torch.equal(auto.layers[0].attn.q_proj.dequantize(), fp32.layers[0].attn.q_proj.weight)
+    for plain in (auto.layers[0].mlp.w2, auto.tok_embeddings):  # fp32, as dequantized
+        assert type(plain) in (nn.Linear, nn.Embedding) and plain.weight.dtype == torch.float32
+    assert torch.equal(auto.layers[0].mlp.w2.weight, fp32.layers[0].mlp.w2.weight)
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    torch.testing.assert_close(auto(tokens), fp32(tokens), atol=1e-5, rtol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"layers\.0\.mlp\.w2\.weight is Q5_0, which int4 does not"
+    ):
+        load_model(path, quant="int4")

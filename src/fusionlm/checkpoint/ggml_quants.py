@@ -3,8 +3,8 @@ integer form of the types a weight-only layer computes with as stored.
 
 ``DEQUANTIZERS[type](blocks)`` maps uint8 blocks ``[n, type_size]`` to float32 values
 ``[n, block_size]`` (sizes in ``gguf.GGML_QUANT_SIZES``). ``AFFINE[type](blocks)`` gives the
-same values as ``(q, scale, offset)`` per group of 32: ``scale * q + offset`` (two fp32
-operations, in that order) is bit-identical to the dequantized value.
+same values as ``(q, scale, offset)`` per group of 32 (see below): ``scale * q + offset`` (two
+fp32 operations, in that order) is bit-identical to the dequantized value.
 """
 
 from __future__ import annotations
@@ -154,9 +154,12 @@ def _dq_q6_k(b: Tensor) -> Tensor:
     return (d * q).view(n, 256)
 
 
-# The affine forms: q [n, block] (uint8 0-15 for the 4-bit types, int8 for Q8_0), scale and
-# offset fp32 [n, block / 32] (offset None for Q8_0). Every product scale * q is exact in fp32
-# (an f16 scale, or Q4_K's f16 x 6-bit scale, times a 4-bit value), and so is Q4_0's
+# The affine forms: q, and scale and offset fp32 [n, block / 32] (offset None for Q8_0), where q
+# is int8 [n, block] for Q8_0 and, for the 4-bit types, bytes [n, block / 2] holding two values
+# each in Q4_0's order: per group of 32, value j in the low nibble of byte j and value j + 16
+# in its high nibble (Q4_0 and Q4_1 blocks already hold exactly these bytes; Q4_K's, which
+# pair value j with j + 32, are repacked). Every product scale * q is exact in fp32 (an f16
+# scale, or Q4_K's f16 x 6-bit scale, times a 4-bit value), and so is Q4_0's
 # d * q - 8 * d = d * (q - 8): only Q4_1 and Q4_K round once, in their additions, as the
 # dequantizers do.
 
@@ -167,17 +170,22 @@ def _affine_q8_0(b: Tensor) -> tuple[Tensor, Tensor, None]:
 
 def _affine_q4_0(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     d = _f16(b[:, :2])
-    return _nibbles(b[:, 2:], 16).reshape(-1, 32), d, d * -8.0
+    return b[:, 2:].clone(), d, d * -8.0
 
 
 def _affine_q4_1(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _nibbles(b[:, 4:], 16).reshape(-1, 32), _f16(b[:, :2]), _f16(b[:, 2:4])
+    return b[:, 4:].clone(), _f16(b[:, :2]), _f16(b[:, 2:4])
 
 
 def _affine_q4_k(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     n = b.shape[0]
     d, dm = _k_scales(b)
-    return _nibbles(b[:, 16:], 32).reshape(n, 256), d.view(n, 8), -dm.view(n, 8)
+    # Per 64 values, 32 bytes: value j (low nibble) and value j + 32 (high) in byte j.
+    pairs = b[:, 16:].reshape(n, 4, 2, 16)
+    first, second = pairs[:, :, 0], pairs[:, :, 1]  # bytes j and j + 16 of a chunk
+    low = (first & 0x0F) | (second << 4)  # values j, j + 16: the chunk's first 32
+    high = (first >> 4) | (second & 0xF0)  # values 32 + j, 48 + j: its last 32
+    return torch.stack([low, high], dim=2).reshape(n, 128), d.view(n, 8), -dm.view(n, 8)
 
 
 AFFINE: dict[GGMLQuantizationType, Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]] = {

@@ -187,12 +187,14 @@ class WeightOnlyLinear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """An embedding lookup over a ``WeightOnlyLinear``'s table: ``[...] -> [..., d]`` fp32,
-    dequantizing only the rows it reads. A tied output head is the same table."""
+    """An embedding lookup over a ``WeightOnlyLinear``'s table: ``[...] -> [..., d]`` in
+    ``dtype`` (the model's activations'), dequantizing only the rows it reads. A tied output
+    head is the same table."""
 
-    def __init__(self, table: WeightOnlyLinear) -> None:
+    def __init__(self, table: WeightOnlyLinear, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.table = table
+        self.dtype = dtype
 
     @property
     def num_embeddings(self) -> int:
@@ -203,18 +205,19 @@ class QuantizedEmbedding(nn.Module):
         return self.table.in_features
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """``tokens [...]`` -> ``[..., d]`` fp32."""
-        return self.table.dequantize(tokens.reshape(-1)).view(*tokens.shape, self.embedding_dim)
+        """``tokens [...]`` -> ``[..., d]``."""
+        rows = self.table.dequantize(tokens.reshape(-1)).to(self.dtype)
+        return rows.view(*tokens.shape, self.embedding_dim)
 
 
 def precision(model: nn.Module) -> str:
     """What a model computes with, for people: its float dtype (``"float32"``), or its
-    weight-only formats by how many matrices each holds (``"int4 x210, int8 x1"``)."""
+    weight-only formats by how many matrices each holds (``"int4 x210, int8 x1 weights"``)."""
     tables = {id(m): m for m in model.modules() if isinstance(m, WeightOnlyLinear)}
     counts = collections.Counter(table.format for table in tables.values())
     if not counts:
         return str(next(model.parameters()).dtype).removeprefix("torch.")
-    return ", ".join(f"{format} x{n}" for format, n in counts.most_common())
+    return ", ".join(f"{format} x{n}" for format, n in counts.most_common()) + " weights"
 
 
 def weight_in_format(weight: Tensor, *, format: str) -> dict[str, Tensor]:
@@ -304,15 +307,20 @@ def quantize(model: nn.Module, format: str) -> nn.Module:
     if format not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
     return _replace_weights(
-        model, lambda name, weight, bias: WeightOnlyLinear.from_float(weight, bias, format=format)
+        model,
+        lambda name, weight, bias: WeightOnlyLinear.from_float(weight, bias, format=format),
+        dtype=None,
     )
 
 
-def weight_only_structure(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def weight_only_structure(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, dtype: torch.dtype
+) -> dict[str, Tensor]:
     """Shape a model built on the meta device after a quantized state dict (as
     ``linear_weights_in_format`` or a loader keeping a file's own blocks writes it), in place:
-    each linear, and the token embedding, whose weight ``state_dict`` holds as a weight-only
-    format becomes that format's module, still on the meta device, each in its own format.
+    each linear, and the token embedding, whose weight ``state_dict`` holds in a weight-only
+    format becomes that format's module, still on the meta device, each in its own format;
+    weights in ``dtype``, the activations' (what the embedding lookup gives), stay plain.
 
     Returns:
         ``state_dict`` plus the names under which a tied output head shares the embedding's
@@ -321,8 +329,8 @@ def weight_only_structure(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
 
     def stored(name: str, weight: Tensor, bias: Tensor | None) -> nn.Module | None:
         prefix = stored_prefix(name + ".weight")
-        if prefix + "weight" not in state_dict:
-            return None
+        if state_dict.get(prefix + "weight", torch.empty(0, dtype=dtype)).dtype == dtype:
+            return None  # absent, or kept in the activations' dtype: a plain layer
         buffers = {
             key: torch.empty_like(state_dict[prefix + key], device="meta")
             for key in ("weight", "scale", "offset")
@@ -330,7 +338,7 @@ def weight_only_structure(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
         }
         return WeightOnlyLinear(**buffers, bias=bias)
 
-    _replace_weights(model, stored)
+    _replace_weights(model, stored, dtype=dtype)
     aliases = {}
     for name, module in model.named_modules(remove_duplicate=False):
         embedding = dict(module.named_children()).get("tok_embeddings")
@@ -343,10 +351,14 @@ def weight_only_structure(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
 
 
 def _replace_weights(
-    model: nn.Module, make: Callable[[str, Tensor, Tensor | None], nn.Module | None]
+    model: nn.Module,
+    make: Callable[[str, Tensor, Tensor | None], nn.Module | None],
+    *,
+    dtype: torch.dtype | None,
 ) -> nn.Module:
     """Replace each ``nn.Linear`` and each decoder's ``tok_embeddings`` ``nn.Embedding`` (with
-    a tied head) by ``make(name, weight, bias)`` where it returns a module."""
+    a tied head) by ``make(name, weight, bias)`` where it returns a module; the embedding's
+    lookups give ``dtype`` (None: the replaced embedding's)."""
     for module_name, module in list(model.named_modules()):
         prefix = f"{module_name}." if module_name else ""
         for child_name, child in list(module.named_children()):
@@ -358,7 +370,9 @@ def _replace_weights(
         if isinstance(embedding, nn.Embedding):
             table = make(prefix + "tok_embeddings", embedding.weight, None)
             if table is not None:
-                module.tok_embeddings = QuantizedEmbedding(table)
+                module.tok_embeddings = QuantizedEmbedding(
+                    table, dtype=dtype or embedding.weight.dtype
+                )
                 if isinstance(getattr(module, "output", None), TiedLinear):
                     module.output = table
     return model
