@@ -246,7 +246,10 @@ def generate_tokens(
     device = model.device
     b = len(prompts)
     tokens = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
-    cache_len = cache_length(total, model.max_seq_len) if compile is not False else total
+    # A compiled step's cache length is rounded so steps serve many lengths; a loop that
+    # takes no decode step (one new token: the prefill's) needs only its own.
+    steps = compile is not False and max_new_tokens > 1
+    cache_len = cache_length(total, model.max_seq_len) if steps else total
     keep = torch.zeros(b, cache_len, dtype=torch.bool, device=device)
     keep[:, longest:] = True
     for i, prompt in enumerate(prompts):
