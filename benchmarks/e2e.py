@@ -8,7 +8,8 @@ caches (one unmeasured run of each command first) and the compiled decode step a
 stored (``fusionlm compile`` runs before the first round). fusionlm runs its command line,
 ``fusionlm generate --max-new-tokens N`` with the default model (the chat template applied);
 llama.cpp runs llama-cpp-python's ``Llama(...).create_chat_completion(..., temperature=0)``
-on the F32 and Q8_0 files ``compare.py`` makes from the same weights. Rounds interleave
+on the F32 and Q8_0 files ``compare.py`` makes from the same weights, and on the shipped Q4_1
+file for int4 (``--quant int4``, which is also what ``fusionlm generate`` runs by default). Rounds interleave
 every command (this machine's memory bandwidth drifts by tens of percent over minutes);
 the table gives each command's median wall time and the tokens it produced.
 
