@@ -549,11 +549,22 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(
             f"serving needs the serve extra: pip install 'fusionlm[serve]' ({e})"
         ) from None
+    from fusionlm.inference.quantize import precision
     from fusionlm.loading import load_model, load_tokenizer
+
+    def load() -> TransformerDecoder:
+        model = load_model(args.model, dtype=_dtype(args), quant=args.quant)
+        print(
+            f"fusionlm: serving {args.model} ({precision(model)}), {args.slots} slots of "
+            f"{args.ctx} tokens, on http://{args.host}:{args.port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return model
 
     tokenizer = load_tokenizer(args.model)
     serve(
-        lambda: load_model(args.model, dtype=_dtype(args), quant=args.quant),
+        load,
         tokenizer,
         # A registered name as it is; a file or directory by its name.
         model_name=Path(args.model).stem if Path(args.model).exists() else args.model,
