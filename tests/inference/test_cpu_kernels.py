@@ -46,28 +46,31 @@ def isa(request):
     torch.ops.fusionlm.use_isa(previous)
 
 
+@pytest.mark.parametrize("format", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 11])
 @pytest.mark.parametrize("k", [32, 96, 576])
-def test_int4_path_equals_the_dequantized_product(isa, rows, k):
-    """Every path of the int4 kernel against fp64 math on the weights it stands for, with
-    block sizes of 1, 2, 4 and 8 rows and odd and even group counts (the vector paths add
-    alternate groups into two sums)."""
-    args, dense = weights("int4", 50, k)
+def test_each_path_equals_the_dequantized_product(isa, format, rows, k):
+    """Every path of the int8 and int4 kernels against fp64 math on the weights they stand
+    for, with blocks of 1, 2, 4 and 8 rows and odd and even group counts (the vector paths
+    add alternate groups into two sums)."""
+    args, dense = weights(format, 50, k)
     x = torch.randn(rows, k)
-    (y,) = torch.ops.fusionlm.linear_int4(x, *args)
+    (y,) = getattr(torch.ops.fusionlm, f"linear_{format}")(x, *args)
     reference = (x.double() @ dense.double().T).float()
     torch.testing.assert_close(y, reference, atol=1e-4 * k**0.5, rtol=1e-5)
 
 
-def test_each_int4_path_runs_its_own_code(isa):
+@pytest.mark.parametrize("format", ["int8", "int4"])
+def test_each_path_runs_its_own_code(isa, format):
     """The paths sum in different orders, so forcing one changes the low bits of a long
     product unless it is the path that ran anyway: proof that ``use_isa`` switches code."""
-    args, _ = weights("int4", 64, 1536)
+    args, _ = weights(format, 64, 1536)
+    op = getattr(torch.ops.fusionlm, f"linear_{format}")
     x = torch.randn(3, 1536)
     results = {}
     for path in torch.ops.fusionlm.cpu_isas():
         torch.ops.fusionlm.use_isa(path)
-        results[path] = torch.ops.fusionlm.linear_int4(x, *args)[0]
+        results[path] = op(x, *args)[0]
     torch.ops.fusionlm.use_isa(isa)
     for path, y in results.items():
         assert torch.equal(y, results[isa]) == (path == isa), path

@@ -3,8 +3,9 @@
 //   fp32, as bf16, as int8 with one fp32 scale per 32 consecutive inputs (llama.cpp's Q8_0
 //   layout), or as int4 with an fp32 scale and offset per 32 inputs (Q4_0, Q4_1 and Q4_K
 //   blocks, repacked). Decoding streams every weight once per token, so these run at memory
-//   bandwidth. fp32, bf16 and int8 use AVX2/FMA where the compiler targets it, plain loops
-//   elsewhere; int4 picks AVX-512, AVX2 or portable code when called, by what the CPU runs.
+//   bandwidth. fp32 and bf16 use AVX2/FMA where the compiler targets it, plain loops
+//   elsewhere; int8 and int4 pick AVX-512, AVX2 or portable code when called, by what the CPU
+//   runs.
 //   Rows of zeros are skipped.
 // - attention of one query per sequence over a key/value cache that reads only the keys its
 //   mask allows (the filled slots of a fixed-length cache), not the whole buffer.
@@ -39,6 +40,10 @@ namespace {
 
 constexpr int64_t kGroup = 32;  // inputs per int8 scale
 constexpr int64_t kGrain = 64;  // weight rows per parallel task, at least
+// Decoding reads each weight once, so the bf16, int8 and int4 kernels, which spend more
+// instructions per byte than the fp32 one, ask for weights this far ahead of use (1 KB beat
+// 4 KB for bf16 and tied for int8; the fp32 kernel is faster without).
+constexpr int64_t kPrefetchBytes = 1024;
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -60,15 +65,6 @@ inline __m256 load_bf16(const uint16_t* p) {  // 8 bf16 -> 8 fp32
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-inline __m256 load_int8(const int8_t* p) {  // 8 int8 -> 8 fp32
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-}
-
-// Decoding reads each weight once, so the bf16 and int8 kernels, which spend more
-// instructions per byte than the fp32 one, ask for weights this far ahead of use (1 KB beat
-// 4 KB for bf16 and tied for int8; the fp32 kernel is faster without).
-constexpr int64_t kPrefetchBytes = 1024;
 
 inline void prefetch(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
@@ -140,45 +136,8 @@ float dot(const float* x, const Weight* w, int64_t k_size) {
   return out;
 }
 
-// dot_rows for int8 weights with one scale per kGroup inputs (k_size a multiple of kGroup).
-template <int R>
-void dot_rows_int8(const float* x, const int8_t* w, const float* scale, int64_t k_size,
-                   float* out, int64_t out_stride) {
-#ifdef FUSIONLM_AVX2
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < k_size / kGroup; ++g) {
-    const int8_t* wg = w + g * kGroup;
-    prefetch(wg);
-    const __m256 w0 = load_int8(wg), w1 = load_int8(wg + 8);
-    const __m256 w2 = load_int8(wg + 16), w3 = load_int8(wg + 24);
-    const __m256 group_scale = _mm256_set1_ps(scale[g]);
-    for (int r = 0; r < R; ++r) {
-      const float* xg = x + r * k_size + g * kGroup;
-      __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(xg), w0);
-      __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), w1);
-      p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), w2, p0);
-      p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), w3, p1);
-      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), group_scale, acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r * out_stride] = horizontal_sum(acc[r]);
-#else
-  for (int r = 0; r < R; ++r) {
-    float total = 0.0f;
-    for (int64_t g = 0; g < k_size / kGroup; ++g) {
-      float part = 0.0f;
-      for (int64_t j = 0; j < kGroup; ++j) {
-        part += x[r * k_size + g * kGroup + j] * w[g * kGroup + j];
-      }
-      total += part * scale[g];
-    }
-    out[r * out_stride] = total;
-  }
-#endif
-}
-
-// ------------------------------------------------------------- int4, paths chosen at run time
+// ----------------------------------------------------- int8 and int4, paths chosen at run time
+// int8 weights: one fp32 scale per group of kGroup inputs, w = scale * q (llama.cpp's Q8_0).
 // int4 weights: values q in [0, 15] in groups of kGroup inputs, w = scale * q + offset with one
 // fp32 scale and offset per group ([n, k / 32] each). A group's 16 bytes hold input j in the low
 // nibble of byte j and input j + 16 in its high nibble (ggml's Q4_0 / Q4_1 block order). Per row
@@ -188,7 +147,8 @@ void dot_rows_int8(const float* x, const int8_t* w, const float* scale, int64_t 
 // Three paths, chosen per call by what the CPU runs (or forced by use_isa, for tests): AVX-512
 // (16 lanes, up to 8 rows per block), AVX2 + FMA (8 lanes, 4 rows) and portable C++. The vector
 // paths are compiled for their instruction sets by target pragmas, whatever -march the build
-// machine has, so each can be tested wherever the CPU runs it.
+// machine has, so each can be tested wherever the CPU runs it. Groups alternate between two
+// accumulators per row, so consecutive groups' multiply-adds do not wait on each other.
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
@@ -222,6 +182,24 @@ Isa active_isa() {
 using Int4Block = void (*)(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
                            const float* scale, const float* offset, int64_t groups, float* out,
                            int64_t out_stride);
+
+// out[r * out_stride] = row r of x [rows, groups * kGroup] times one int8 weight row.
+using Int8Block = void (*)(int64_t rows, const float* x, const int8_t* q, const float* scale,
+                           int64_t groups, float* out, int64_t out_stride);
+
+void int8_block_scalar(int64_t rows, const float* x, const int8_t* q, const float* scale,
+                       int64_t groups, float* out, int64_t out_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + (r * groups + g) * kGroup;
+      float part = 0.0f;
+      for (int64_t j = 0; j < kGroup; ++j) part += xg[j] * static_cast<float>(q[g * kGroup + j]);
+      total += part * scale[g];
+    }
+    out[r * out_stride] = total;
+  }
+}
 
 void int4_block_scalar(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
                        const float* scale, const float* offset, int64_t groups, float* out,
@@ -258,8 +236,49 @@ inline __m256 widen(__m128i nibbles) {  // the low 8 bytes (values 0-15) -> 8 fp
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles));
 }
 
-// Groups alternate between two accumulators per row, so consecutive groups' multiply-adds do
-// not wait on each other (one row's chain of dependent adds would bound the speed).
+inline __m256 widen_int8(const int8_t* p) {  // 8 int8 -> 8 fp32
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int R>
+void int8_rows(const float* x, const int8_t* q, const float* scale, int64_t groups, float* out,
+               int64_t out_stride) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const auto add_group = [&](int64_t g, int slot) {
+    const int8_t* qg = q + g * kGroup;
+    _mm_prefetch(reinterpret_cast<const char*>(qg) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256 w0 = widen_int8(qg), w1 = widen_int8(qg + 8);
+    const __m256 w2 = widen_int8(qg + 16), w3 = widen_int8(qg + 24);
+    const __m256 group_scale = _mm256_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) {
+      const float* xg = x + (r * groups + g) * kGroup;
+      __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(xg), w0);
+      __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), w1);
+      p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), w2, p0);
+      p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), w3, p1);
+      acc[r][slot] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), group_scale, acc[r][slot]);
+    }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    add_group(g, 0);
+    add_group(g + 1, 1);
+  }
+  if (g < groups) add_group(g, 0);
+  for (int r = 0; r < R; ++r) out[r * out_stride] = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+void int8_block(int64_t rows, const float* x, const int8_t* q, const float* scale, int64_t groups,
+                float* out, int64_t out_stride) {
+  switch (rows) {
+    case 4: return int8_rows<4>(x, q, scale, groups, out, out_stride);
+    case 2: return int8_rows<2>(x, q, scale, groups, out, out_stride);
+    default: return int8_rows<1>(x, q, scale, groups, out, out_stride);
+  }
+}
+
 template <int R>
 void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const float* scale,
                const float* offset, int64_t groups, float* out, int64_t out_stride) {
@@ -268,7 +287,7 @@ void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const floa
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   const auto add_group = [&](int64_t g, int slot) {
     const uint8_t* qg = q + g * (kGroup / 2);
-    _mm_prefetch(reinterpret_cast<const char*>(qg) + 1024, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(qg) + kPrefetchBytes, _MM_HINT_T0);
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg));
     const __m128i lo = _mm_and_si128(raw, low4);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
@@ -320,7 +339,47 @@ void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t
 #pragma GCC target("avx512f,avx512bw,avx2,fma")
 namespace avx512 {
 
-// As avx2::int4_rows, 16 lanes wide.
+// As the avx2 kernels, 16 lanes wide.
+template <int R>
+void int8_rows(const float* x, const int8_t* q, const float* scale, int64_t groups, float* out,
+               int64_t out_stride) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const auto add_group = [&](int64_t g, int slot) {
+    const int8_t* qg = q + g * kGroup;
+    _mm_prefetch(reinterpret_cast<const char*>(qg) + kPrefetchBytes, _MM_HINT_T0);
+    const __m512 w0 = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg))));
+    const __m512 w1 = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + 16))));
+    const __m512 group_scale = _mm512_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) {
+      const float* xg = x + (r * groups + g) * kGroup;
+      const __m512 p = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 16), w1,
+                                       _mm512_mul_ps(_mm512_loadu_ps(xg), w0));
+      acc[r][slot] = _mm512_fmadd_ps(p, group_scale, acc[r][slot]);
+    }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    add_group(g, 0);
+    add_group(g + 1, 1);
+  }
+  if (g < groups) add_group(g, 0);
+  for (int r = 0; r < R; ++r) {
+    out[r * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  }
+}
+
+void int8_block(int64_t rows, const float* x, const int8_t* q, const float* scale, int64_t groups,
+                float* out, int64_t out_stride) {
+  switch (rows) {
+    case 8: return int8_rows<8>(x, q, scale, groups, out, out_stride);
+    case 2: return int8_rows<2>(x, q, scale, groups, out, out_stride);
+    default: return int8_rows<1>(x, q, scale, groups, out, out_stride);
+  }
+}
+
 template <int R>
 void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const float* scale,
                const float* offset, int64_t groups, float* out, int64_t out_stride) {
@@ -329,7 +388,7 @@ void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const floa
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const auto add_group = [&](int64_t g, int slot) {
     const uint8_t* qg = q + g * (kGroup / 2);
-    _mm_prefetch(reinterpret_cast<const char*>(qg) + 1024, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(qg) + kPrefetchBytes, _MM_HINT_T0);
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg));
     const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low4)));
     const __m512 w1 =
@@ -375,6 +434,14 @@ void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t
 #pragma GCC pop_options
 #endif
 
+Int8Block int8_kernel(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::kAvx512) return avx512::int8_block;
+  if (isa == Isa::kAvx2) return avx2::int8_block;
+#endif
+  return int8_block_scalar;
+}
+
 Int4Block int4_kernel(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   if (isa == Isa::kAvx512) return avx512::int4_block;
@@ -383,7 +450,7 @@ Int4Block int4_kernel(Isa isa) {
   return int4_block_scalar;
 }
 
-// One block of `rows` rows (1, 2 or kBlockRows) through dot_rows or dot_rows_int8.
+// One block of `rows` rows (1, 2 or kBlockRows) through dot_rows.
 template <typename Weight>
 void dot_block(int64_t rows, const float* x, const Weight* w, int64_t k_size, float* out,
                int64_t out_stride) {
@@ -393,17 +460,6 @@ void dot_block(int64_t rows, const float* x, const Weight* w, int64_t k_size, fl
     dot_rows<2>(x, w, k_size, out, out_stride);
   } else {
     dot_rows<1>(x, w, k_size, out, out_stride);
-  }
-}
-
-void dot_block_int8(int64_t rows, const float* x, const int8_t* w, const float* scale,
-                    int64_t k_size, float* out, int64_t out_stride) {
-  if (rows == kBlockRows) {
-    dot_rows_int8<kBlockRows>(x, w, scale, k_size, out, out_stride);
-  } else if (rows == 2) {
-    dot_rows_int8<2>(x, w, scale, k_size, out, out_stride);
-  } else {
-    dot_rows_int8<1>(x, w, scale, k_size, out, out_stride);
   }
 }
 
@@ -558,12 +614,16 @@ std::vector<at::Tensor> linear_int8(const at::Tensor& x, at::TensorList weights,
   }
   const auto w = pointers<int8_t>(weights);
   const auto s = pointers<float>(scales);
-  return matvecs(x.contiguous(), weights,
-                   [&](int64_t rows, int64_t, const float* x_rows, size_t i, int64_t n,
-                       float* y, int64_t y_stride) {
-                     dot_block_int8(rows, x_rows, w[i] + n * k, s[i] + n * (k / kGroup), k, y,
-                                    y_stride);
-                   });
+  const Isa isa = active_isa();
+  const Int8Block kernel = int8_kernel(isa);
+  const int64_t groups = k / kGroup;
+  return matvecs(
+      x.contiguous(), weights,
+      [&](int64_t rows, int64_t, const float* x_rows, size_t i, int64_t n, float* y,
+          int64_t y_stride) {
+        kernel(rows, x_rows, w[i] + n * k, s[i] + n * groups, groups, y, y_stride);
+      },
+      kIsaBlockRows[static_cast<int>(isa)]);
 }
 
 std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,

@@ -12,9 +12,11 @@ converted in registers, accumulated in fp32:
 - ``torch.ops.fusionlm.linear_int8(x, weights: [n_i, k] int8, scales: [n_i, k / 32] fp32)``
 - ``torch.ops.fusionlm.linear_int4(x, weights: [n_i, k / 2] uint8, scales, offsets:
   [n_i, k / 32] fp32)``: two 4-bit values a byte (see ``quantize.WeightOnlyLinear``),
-  ``w = scale * q + offset`` per group of 32 inputs. Its AVX-512, AVX2 and portable paths
-  are chosen when called, by what the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists
-  them, fastest first, and ``torch.ops.fusionlm.use_isa(name or "auto")`` forces one.
+  ``w = scale * q + offset`` per group of 32 inputs.
+
+The int8 and int4 kernels' AVX-512, AVX2 and portable paths are chosen when called, by what
+the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists them, fastest first, and
+``torch.ops.fusionlm.use_isa(name or "auto")`` forces one.
 
 Each takes a list of weights that share the input (a layer's q, k and v projections) and
 returns one output per weight, computed in one parallel pass over all their rows. And one
