@@ -63,6 +63,10 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=2,
     )
+    # uvicorn imports its protocol modules here: before the engine thread starts, whose first
+    # decode-step build imports and runs the compiler. An import racing it failed once
+    # ("No module named 'uvicorn.protocols.http.h11_impl'", a file that was there).
+    config.load()
     server = _UvicornServer(config)
     failures: list[BaseException] = []
 
