@@ -4,9 +4,11 @@ for."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from fusionlm.generation import generate
 from fusionlm.inference import decode_step
 from fusionlm.inference.quantize import quantize
 from fusionlm.inference.threads import ThreadPlanner
+from fusionlm.modules.kv_cache import KVCache
 from tests.conftest import empty_cache
 from tests.modules.test_decoder import tiny
 
@@ -97,7 +100,26 @@ def test_a_compiled_step_gives_the_same_logits_on_one_thread(monkeypatch):
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("format", ["bf16", "int8"])
+def test_token_loops_reuse_the_caches_their_step_is_bound_to(step_cache, monkeypatch):
+    """AOTInductor keeps every tensor a step is bound to for good: three token loops must
+    leave one set of KV caches alive, not three, and decode as the first did."""
+    decoder = model()
+    created = []
+    make_cache = KVCache.__init__
+
+    def recording(self, *args, **kwargs):
+        make_cache(self, *args, **kwargs)
+        created.append(weakref.ref(self.k_cache))
+
+    monkeypatch.setattr(KVCache, "__init__", recording)
+    outputs = [generate(decoder, PROMPTS[:1], max_new_tokens=12, compile=True) for _ in range(3)]
+    gc.collect()
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert len(created) == 3 * len(decoder.layers)
+    assert sum(ref() is not None for ref in created) == len(decoder.layers)
+
+
+@pytest.mark.parametrize("format", ["bf16", "int8", "int4"])
 def test_compiled_weight_only_steps_equal_eager(format):
     """The kernels are custom ops, opaque to inductor: the compiled step runs the same
     kernels in fp32, so its logits equal eager's up to the order of inductor's fused fp32
