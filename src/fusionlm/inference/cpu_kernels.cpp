@@ -146,9 +146,9 @@ float dot(const float* x, const Weight* w, int64_t k_size) {
 //
 // Three paths, chosen per call by what the CPU runs (or forced by use_isa, for tests): AVX-512
 // (16 lanes, up to 8 rows per block), AVX2 + FMA (8 lanes, 4 rows) and portable C++. The vector
-// paths are compiled for their instruction sets by target pragmas, whatever -march the build
-// machine has, so each can be tested wherever the CPU runs it. Groups alternate between two
-// accumulators per row, so consecutive groups' multiply-adds do not wait on each other.
+// paths are cpu_group_kernels.h compiled twice, for each instruction set's `Vec`, by target
+// pragmas, whatever -march the build machine has, so each can be tested wherever the CPU runs
+// it.
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
@@ -225,112 +225,43 @@ void int4_block_scalar(int64_t rows, const float* x, const float* x_sums, const 
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 
-inline float sum8(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  return _mm_cvtss_f32(sum);
-}
-
-inline __m256 widen(__m128i nibbles) {  // the low 8 bytes (values 0-15) -> 8 fp32
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles));
-}
-
-inline __m256 widen_int8(const int8_t* p) {  // 8 int8 -> 8 fp32
-  return _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-template <int R>
-void int8_rows(const float* x, const int8_t* q, const float* scale, int64_t groups, float* out,
-               int64_t out_stride) {
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const auto add_group = [&](int64_t g, int slot) {
-    const int8_t* qg = q + g * kGroup;
-    _mm_prefetch(reinterpret_cast<const char*>(qg) + kPrefetchBytes, _MM_HINT_T0);
-    const __m256 w0 = widen_int8(qg), w1 = widen_int8(qg + 8);
-    const __m256 w2 = widen_int8(qg + 16), w3 = widen_int8(qg + 24);
-    const __m256 group_scale = _mm256_set1_ps(scale[g]);
-    for (int r = 0; r < R; ++r) {
-      const float* xg = x + (r * groups + g) * kGroup;
-      __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(xg), w0);
-      __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), w1);
-      p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), w2, p0);
-      p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), w3, p1);
-      acc[r][slot] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), group_scale, acc[r][slot]);
+struct Vec {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kMaxRows = 4;  // 2 x 4 accumulators + 4 weights of 16 registers
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F set1(float value) { return _mm256_set1_ps(value); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(F v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    return _mm_cvtss_f32(half);
+  }
+  static F widen(__m128i bytes) {  // the low 8 unsigned bytes -> 8 fp32
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+  }
+  static void int8_group(const int8_t* q, F* w) {
+    for (int v = 0; v < 4; ++v) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * v));
+      w[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
     }
-  };
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    add_group(g, 0);
-    add_group(g + 1, 1);
   }
-  if (g < groups) add_group(g, 0);
-  for (int r = 0; r < R; ++r) out[r * out_stride] = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
-}
+  static void int4_group(const uint8_t* q, F* w) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+    w[0] = widen(lo);
+    w[1] = widen(_mm_unpackhi_epi64(lo, lo));
+    w[2] = widen(hi);
+    w[3] = widen(_mm_unpackhi_epi64(hi, hi));
+  }
+};
 
-void int8_block(int64_t rows, const float* x, const int8_t* q, const float* scale, int64_t groups,
-                float* out, int64_t out_stride) {
-  switch (rows) {
-    case 4: return int8_rows<4>(x, q, scale, groups, out, out_stride);
-    case 2: return int8_rows<2>(x, q, scale, groups, out, out_stride);
-    default: return int8_rows<1>(x, q, scale, groups, out, out_stride);
-  }
-}
-
-template <int R>
-void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const float* scale,
-               const float* offset, int64_t groups, float* out, int64_t out_stride) {
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const auto add_group = [&](int64_t g, int slot) {
-    const uint8_t* qg = q + g * (kGroup / 2);
-    _mm_prefetch(reinterpret_cast<const char*>(qg) + kPrefetchBytes, _MM_HINT_T0);
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg));
-    const __m128i lo = _mm_and_si128(raw, low4);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-    const __m256 w0 = widen(lo), w1 = widen(_mm_unpackhi_epi64(lo, lo));
-    const __m256 w2 = widen(hi), w3 = widen(_mm_unpackhi_epi64(hi, hi));
-    const __m256 group_scale = _mm256_set1_ps(scale[g]);
-    for (int r = 0; r < R; ++r) {
-      const float* xg = x + (r * groups + g) * kGroup;
-      __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(xg), w0);
-      __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), w1);
-      p0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), w2, p0);
-      p1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), w3, p1);
-      acc[r][slot] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), group_scale, acc[r][slot]);
-    }
-  };
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    add_group(g, 0);
-    add_group(g + 1, 1);
-  }
-  if (g < groups) add_group(g, 0);
-  for (int r = 0; r < R; ++r) {
-    const float* sums = x_sums + r * groups;
-    __m256 offsets = _mm256_setzero_ps();
-    g = 0;
-    for (; g + 8 <= groups; g += 8) {
-      offsets = _mm256_fmadd_ps(_mm256_loadu_ps(offset + g), _mm256_loadu_ps(sums + g), offsets);
-    }
-    float total = sum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), offsets));
-    for (; g < groups; ++g) total += offset[g] * sums[g];
-    out[r * out_stride] = total;
-  }
-}
-
-void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
-                const float* scale, const float* offset, int64_t groups, float* out,
-                int64_t out_stride) {
-  switch (rows) {
-    case 4: return int4_rows<4>(x, x_sums, q, scale, offset, groups, out, out_stride);
-    case 2: return int4_rows<2>(x, x_sums, q, scale, offset, groups, out, out_stride);
-    default: return int4_rows<1>(x, x_sums, q, scale, offset, groups, out, out_stride);
-  }
-}
+#include "cpu_group_kernels.h"
 
 }  // namespace avx2
 #pragma GCC pop_options
@@ -339,96 +270,32 @@ void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t
 #pragma GCC target("avx512f,avx512bw,avx2,fma")
 namespace avx512 {
 
-// As the avx2 kernels, 16 lanes wide.
-template <int R>
-void int8_rows(const float* x, const int8_t* q, const float* scale, int64_t groups, float* out,
-               int64_t out_stride) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const auto add_group = [&](int64_t g, int slot) {
-    const int8_t* qg = q + g * kGroup;
-    _mm_prefetch(reinterpret_cast<const char*>(qg) + kPrefetchBytes, _MM_HINT_T0);
-    const __m512 w0 = _mm512_cvtepi32_ps(
-        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg))));
-    const __m512 w1 = _mm512_cvtepi32_ps(
-        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + 16))));
-    const __m512 group_scale = _mm512_set1_ps(scale[g]);
-    for (int r = 0; r < R; ++r) {
-      const float* xg = x + (r * groups + g) * kGroup;
-      const __m512 p = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 16), w1,
-                                       _mm512_mul_ps(_mm512_loadu_ps(xg), w0));
-      acc[r][slot] = _mm512_fmadd_ps(p, group_scale, acc[r][slot]);
+struct Vec {
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kMaxRows = 8;  // 2 x 8 accumulators + 2 weights of 32 registers
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F set1(float value) { return _mm512_set1_ps(value); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  static void int8_group(const int8_t* q, F* w) {
+    for (int v = 0; v < 2; ++v) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * v));
+      w[v] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
     }
-  };
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    add_group(g, 0);
-    add_group(g + 1, 1);
   }
-  if (g < groups) add_group(g, 0);
-  for (int r = 0; r < R; ++r) {
-    out[r * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  static void int4_group(const uint8_t* q, F* w) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low4)));
+    w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low4)));
   }
-}
+};
 
-void int8_block(int64_t rows, const float* x, const int8_t* q, const float* scale, int64_t groups,
-                float* out, int64_t out_stride) {
-  switch (rows) {
-    case 8: return int8_rows<8>(x, q, scale, groups, out, out_stride);
-    case 2: return int8_rows<2>(x, q, scale, groups, out, out_stride);
-    default: return int8_rows<1>(x, q, scale, groups, out, out_stride);
-  }
-}
-
-template <int R>
-void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const float* scale,
-               const float* offset, int64_t groups, float* out, int64_t out_stride) {
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const auto add_group = [&](int64_t g, int slot) {
-    const uint8_t* qg = q + g * (kGroup / 2);
-    _mm_prefetch(reinterpret_cast<const char*>(qg) + kPrefetchBytes, _MM_HINT_T0);
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qg));
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low4)));
-    const __m512 w1 =
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low4)));
-    const __m512 group_scale = _mm512_set1_ps(scale[g]);
-    for (int r = 0; r < R; ++r) {
-      const float* xg = x + (r * groups + g) * kGroup;
-      const __m512 p = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 16), w1,
-                                       _mm512_mul_ps(_mm512_loadu_ps(xg), w0));
-      acc[r][slot] = _mm512_fmadd_ps(p, group_scale, acc[r][slot]);
-    }
-  };
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    add_group(g, 0);
-    add_group(g + 1, 1);
-  }
-  if (g < groups) add_group(g, 0);
-  for (int r = 0; r < R; ++r) {
-    const float* sums = x_sums + r * groups;
-    __m512 offsets = _mm512_setzero_ps();
-    g = 0;
-    for (; g + 16 <= groups; g += 16) {
-      offsets = _mm512_fmadd_ps(_mm512_loadu_ps(offset + g), _mm512_loadu_ps(sums + g), offsets);
-    }
-    float total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), offsets));
-    for (; g < groups; ++g) total += offset[g] * sums[g];
-    out[r * out_stride] = total;
-  }
-}
-
-void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
-                const float* scale, const float* offset, int64_t groups, float* out,
-                int64_t out_stride) {
-  switch (rows) {
-    case 8: return int4_rows<8>(x, x_sums, q, scale, offset, groups, out, out_stride);
-    case 2: return int4_rows<2>(x, x_sums, q, scale, offset, groups, out, out_stride);
-    default: return int4_rows<1>(x, x_sums, q, scale, offset, groups, out, out_stride);
-  }
-}
+#include "cpu_group_kernels.h"
 
 }  // namespace avx512
 #pragma GCC pop_options

@@ -50,7 +50,7 @@ MATVEC_MAX_ROWS = 16
 """Up to this many rows (decoding) the kernels beat a GEMM; a prompt's rows are one GEMM
 (for bf16 and int8 weights on the dequantized fp32 weight, far faster than bf16 or int8 math
 on CPUs without native bf16)."""
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")  # and cpu_group_kernels.h, which it includes
 
 
 @functools.cache

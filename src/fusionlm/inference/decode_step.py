@@ -146,7 +146,7 @@ def _source_fingerprint() -> str:
     """fusionlm's modelling and kernel sources, which shape the traced graph."""
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for path in sorted([*package.glob("modules/*.py"), *package.glob("inference/*.[pc]*")]):
+    for path in sorted([*package.glob("modules/*.py"), *package.glob("inference/*.[pch]*")]):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
