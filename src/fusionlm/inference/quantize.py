@@ -19,8 +19,9 @@ GROUP_SIZE = INT8_GROUP_SIZE
 INT8_KERNEL_MAX_ROWS = 128
 """int8 and int4 layers run fusionlm's kernel up to this many rows, a prompt's chunk included:
 widening the weights inside the kernel beats dequantizing the whole weight for one BLAS call up
-to here (measured, int8 [m, 576] x [1536, 576]: 2.2 vs 5.2 ms at 128 rows, 4.7 vs 4.0 ms at
-256). bf16 layers stop at ``MATVEC_MAX_ROWS``: their BLAS call is faster from ~40 rows on."""
+to here (measured, [m, 576] x [1536, 576], kernel vs dequantize + BLAS: int8 3.0 vs 3.3 ms at
+128 rows, 4.9 vs 4.1 at 256; int4 3.5 vs 5.8 ms at 128, 7.8 vs 6.9 at 256). bf16 layers stop
+at ``MATVEC_MAX_ROWS``: their BLAS call is faster from ~40 rows on."""
 QUANTIZE_ROWS = 2048
 """Weight rows converted at a time: bounds the float temporaries of quantizing, and of a GEMM
 over more rows than the kernels take, to a few MB."""
