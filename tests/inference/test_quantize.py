@@ -13,8 +13,8 @@ from fusionlm.inference import cpu_kernels
 from fusionlm.inference import quantize as quantize_module
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS
 from fusionlm.inference.quantize import (
-    INT8_KERNEL_MAX_ROWS,
     QUANTIZE_ROWS,
+    QUANTIZED_KERNEL_MAX_ROWS,
     QuantizedEmbedding,
     WeightOnlyLinear,
     quantize,
@@ -22,8 +22,8 @@ from fusionlm.inference.quantize import (
 from fusionlm.modules.decoder import TiedLinear
 from tests.modules.test_decoder import tiny
 
-# bf16: kernels up to MATVEC_MAX_ROWS, then GEMM; int8, int4: up to INT8_KERNEL_MAX_ROWS.
-ROWS = [1, 3, MATVEC_MAX_ROWS + 1, INT8_KERNEL_MAX_ROWS + 1]
+# bf16: kernels up to MATVEC_MAX_ROWS, then GEMM; int8, int4: up to QUANTIZED_KERNEL_MAX_ROWS.
+ROWS = [1, 3, MATVEC_MAX_ROWS + 1, QUANTIZED_KERNEL_MAX_ROWS + 1]
 FORMATS = ["bf16", "int8", "int4"]
 
 
@@ -38,10 +38,24 @@ def test_weight_only_linear_is_fp32_math_on_its_dequantized_weight(format, rows)
     assert q(x.bfloat16()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("format", ["int8", "int4"])
+def test_the_dequantize_kernel_equals_pytorch_ops_bit_for_bit(format):
+    """One pass in C++ (``fusionlm::dequantize``) or four PyTorch ops: the same numbers,
+    every value one multiply and one add, whole or by rows."""
+    q = WeightOnlyLinear.from_float(torch.randn(70, 96) * 3, format=format)
+    assert q.streaming
+    fallback = WeightOnlyLinear(q.weight, q.scale, offset=q.offset)
+    fallback.streaming = False
+    assert torch.equal(q.dequantize(), fallback.dequantize())
+    rows = torch.tensor([5, 5, 69, 0])
+    assert torch.equal(q.dequantize(rows), fallback.dequantize(rows))
+    assert torch.equal(q.dequantize(slice(3, 9)), fallback.dequantize()[3:9])
+
+
 def test_many_rows_multiply_a_few_dequantized_weight_rows_at_a_time():
     """A prompt's GEMM never dequantizes the whole weight of a large matrix (an output head)."""
     q = WeightOnlyLinear.from_float(torch.randn(QUANTIZE_ROWS + 70, 64), format="int4")
-    x = torch.randn(INT8_KERNEL_MAX_ROWS + 1, 64)
+    x = torch.randn(QUANTIZED_KERNEL_MAX_ROWS + 1, 64)
     calls = []
     dequantize = q.dequantize
     q.dequantize = lambda rows=None: calls.append(rows) or dequantize(rows)

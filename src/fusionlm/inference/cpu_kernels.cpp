@@ -535,6 +535,55 @@ std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
       kIsaBlockRows[static_cast<int>(isa)]);
 }
 
+// The fp32 weight of an int8 layer (weight int8 [n, k], scale [n, k / 32]: scale * q) or an
+// int4 one (weight uint8 [n, k / 2], scale and offset [n, k / 32]: scale * q + offset), for
+// a prompt's GEMM: one pass, where PyTorch ops took four over the weight (unpack, widen,
+// scale, offset). Each value is one multiply then one add, never fused, as the GGML
+// dequantizers compute it, so the result equals theirs bit for bit.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& offset) {
+  const bool int4 = offset.has_value();
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
+                  weight.scalar_type() == (int4 ? at::kByte : at::kChar),
+              "weight must be a contiguous ", int4 ? "uint8 [n, k / 2]" : "int8 [n, k]",
+              " tensor, got ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t n = weight.size(0), k = int4 ? 2 * weight.size(1) : weight.size(1);
+  const int64_t groups = k / kGroup;
+  TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
+  for (const auto* t : {&scale, int4 ? &*offset : &scale}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == n && t->size(1) == groups,
+                "scale and offset must be contiguous float32 [", n, ", ", groups, "] tensors");
+  }
+  auto out = at::empty({n, k}, scale.options());
+  float* op = out.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* offp = int4 ? offset->data_ptr<float>() : nullptr;
+  const auto* q8 = static_cast<const int8_t*>(weight.data_ptr());
+  const auto* q4 = static_cast<const uint8_t*>(weight.data_ptr());
+  at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      float* values = op + g * kGroup;
+      const float s = sp[g];
+      if (!int4) {
+        for (int64_t j = 0; j < kGroup; ++j) values[j] = static_cast<float>(q8[g * kGroup + j]) * s;
+        continue;
+      }
+      const uint8_t* bytes = q4 + g * (kGroup / 2);
+      for (int64_t j = 0; j < kGroup / 2; ++j) {
+        const float low = static_cast<float>(bytes[j] & 0x0F) * s;
+        const float high = static_cast<float>(bytes[j] >> 4) * s;
+        values[j] = low + offp[g];
+        values[j + kGroup / 2] = high + offp[g];
+      }
+    }
+  });
+  return out;
+}
+#pragma GCC pop_options
+
 // The kernel paths this CPU runs, fastest first ("avx512", "avx2", "scalar").
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
@@ -666,6 +715,8 @@ TORCH_LIBRARY(fusionlm, m) {
   m.def("linear_int4(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] offsets) -> Tensor[]");
   // The int4 kernel's paths this CPU runs, fastest first; use_isa(name or "auto") picks one
   // and returns the previous choice.
+  // int8 weight [n, k] and scale, or int4 weight [n, k / 2], scale and offset -> fp32 [n, k]
+  m.def("dequantize(Tensor weight, Tensor scale, Tensor? offset) -> Tensor");
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("use_isa(str isa) -> str", &use_isa);
   // q [b, h, 1, d], k and v [b, h_kv, s, d], mask None or bool [1 or b, 1 or h, 1, s] (True =
@@ -678,5 +729,6 @@ TORCH_LIBRARY_IMPL(fusionlm, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("dequantize", &dequantize);
   m.impl("decode_attention", &decode_attention);
 }

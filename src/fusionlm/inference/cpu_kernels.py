@@ -19,8 +19,10 @@ the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists them, fastest first, and
 ``torch.ops.fusionlm.use_isa(name or "auto")`` forces one.
 
 Each takes a list of weights that share the input (a layer's q, k and v projections) and
-returns one output per weight, computed in one parallel pass over all their rows. And one
-attention kernel for decoding, which reads only the cached keys a query may attend to:
+returns one output per weight, computed in one parallel pass over all their rows.
+``torch.ops.fusionlm.dequantize(weight, scale, offset or None)`` gives an int8 or int4
+layer's fp32 weight in one pass (for a prompt's GEMM). And one attention kernel for decoding,
+which reads only the cached keys a query may attend to:
 
 - ``torch.ops.fusionlm.decode_attention(q [b, h, 1, d], k, v [b, h_kv, s, d], mask, scale)``
   with ``mask`` None or bool ``[1 or b, 1 or h, 1, s]``; fp32 in and out.
@@ -94,6 +96,7 @@ def load_kernels() -> bool:
     torch.library.register_fake("fusionlm::linear_int8")(_outputs_like)
     torch.library.register_fake("fusionlm::linear_int4")(_outputs_like)
     torch.library.register_fake("fusionlm::decode_attention")(_attention_output_like)
+    torch.library.register_fake("fusionlm::dequantize")(_dequantized_like)
     return True
 
 
@@ -102,6 +105,11 @@ def _outputs_like(
 ) -> list[Tensor]:
     """The ops' outputs for tracing: ``[m, n_i]`` fp32 per weight."""
     return [x.new_empty(x.shape[0], weight.shape[0]) for weight in weights]
+
+
+def _dequantized_like(weight: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+    """``dequantize``'s output for tracing: fp32 ``[n, k]``."""
+    return scale.new_empty(weight.shape[0], scale.shape[1] * INT8_GROUP_SIZE)
 
 
 def _attention_output_like(

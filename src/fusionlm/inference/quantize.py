@@ -16,12 +16,14 @@ from fusionlm.modules.decoder import TiedLinear
 
 GROUP_SIZE = INT8_GROUP_SIZE
 """Inputs per scale (and offset) of int8 and int4 weights."""
-INT8_KERNEL_MAX_ROWS = 128
-"""int8 and int4 layers run fusionlm's kernel up to this many rows, a prompt's chunk included:
-widening the weights inside the kernel beats dequantizing the whole weight for one BLAS call up
-to here (measured, [m, 576] x [1536, 576], kernel vs dequantize + BLAS: int8 3.0 vs 3.3 ms at
-128 rows, 4.9 vs 4.1 at 256; int4 3.5 vs 5.8 ms at 128, 7.8 vs 6.9 at 256). bf16 layers stop
-at ``MATVEC_MAX_ROWS``: their BLAS call is faster from ~40 rows on."""
+QUANTIZED_KERNEL_MAX_ROWS = 32
+"""int8 and int4 layers run fusionlm's kernel up to this many rows (a decode step's batch, where
+it also skips idle rows), and more rows (a prompt) as one fp32 GEMM over the weight
+dequantized in one pass (``fusionlm::dequantize``). Measured, [m, 576] x [1536, 576], kernel
+vs dequantize + GEMM: 0.27 vs 0.43 ms at 16 rows, 0.6 vs 0.6 at 32, 1.2 vs 0.9 at 64, 2.5 vs
+1.4 at 128, for int8 and int4 alike (with PyTorch ops for the dequantizing, 3 ms of it for
+int4, the kernel won up to ~200 rows). bf16 layers stop at ``MATVEC_MAX_ROWS``: their BLAS
+call is faster from ~40 rows on."""
 QUANTIZE_ROWS = 2048
 """Weight rows converted at a time: bounds the float temporaries of quantizing, and of a GEMM
 over more rows than the kernels take, to a few MB."""
@@ -59,7 +61,7 @@ class WeightOnlyLinear(nn.Module):
     weight loses precision, never the activations. On the default model, 10 prompts x 32
     greedy tokens agree with fp32 on 320 of 320 tokens with bf16 weights, 294 with int8
     weights, but 176 when the activations entering each linear are rounded to bf16 as well.
-    Up to ``MATVEC_MAX_ROWS`` rows (bf16) or ``INT8_KERNEL_MAX_ROWS`` (int8, int4) run in
+    Up to ``MATVEC_MAX_ROWS`` rows (bf16) or ``QUANTIZED_KERNEL_MAX_ROWS`` (int8, int4) run in
     ``cpu_kernels``' streaming kernels (built when the first layer is made); more rows, or no
     kernels, are fp32 GEMMs over the weight dequantized ``QUANTIZE_ROWS`` rows at a time. The
     output has the input's dtype. For inference: the weight is a buffer, and the kernels have
@@ -146,6 +148,9 @@ class WeightOnlyLinear(nn.Module):
         weight = self.weight[index]
         if self.scale is None:
             return weight.float()
+        offset = None if self.offset is None else self.offset[index]
+        if self.streaming:
+            return torch.ops.fusionlm.dequantize(weight, self.scale[index], offset)
         n = weight.shape[0]
         values = weight if self.offset is None else unpack_int4(weight)
         groups = values.view(n, -1, GROUP_SIZE).float() * self.scale[index][..., None]
@@ -156,7 +161,7 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in] -> [..., out]``."""
         flat = x.reshape(-1, self.in_features).float()
-        max_rows = MATVEC_MAX_ROWS if self.scale is None else INT8_KERNEL_MAX_ROWS
+        max_rows = MATVEC_MAX_ROWS if self.scale is None else QUANTIZED_KERNEL_MAX_ROWS
         if flat.shape[0] > max_rows or not self.streaming:
             y = self._gemm(flat)
         elif self.scale is None:
