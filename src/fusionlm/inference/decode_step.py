@@ -32,6 +32,7 @@ Two compile settings, each measured on the default model:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -283,7 +284,7 @@ def _build(
         partial.unlink(missing_ok=True)
 
 
-def _stored_loader(path: Path, key: str) -> torch._C._aoti.AOTIModelPackageLoader | None:
+def _stored_loader(path: Path, key: str) -> _LoadedStep | None:
     """The loaded step named ``key`` at ``path``; None if there is none (a broken or foreign
     one is removed, with a warning, so that a build replaces it)."""
     if not path.is_file():
@@ -300,8 +301,17 @@ class StaleStepError(Exception):
     """A stored decode step that must not run: unreadable, or built for other settings."""
 
 
+@dataclasses.dataclass
+class _LoadedStep:
+    """A loaded package, and the tensors it was last bound to (see ``_bind``): kept together,
+    so a package loaded again after leaving ``_load_package``'s cache is bound again."""
+
+    runner: torch._C._aoti.AOTIModelPackageLoader
+    bound: dict[str, Tensor] | None = None
+
+
 @functools.lru_cache(maxsize=8)
-def _load_package(path: str, mtime_ns: int, key: str) -> torch._C._aoti.AOTIModelPackageLoader:
+def _load_package(path: str, mtime_ns: int, key: str) -> _LoadedStep:
     """The loaded package at ``path`` (once per process and version of the file).
 
     AOTInductor's own loader is called directly: ``torch._inductor.aoti_load_package``
@@ -321,7 +331,7 @@ def _load_package(path: str, mtime_ns: int, key: str) -> torch._C._aoti.AOTIMode
         raise StaleStepError(
             f"the stored decode step {path} was built for other settings (key {stored_key})"
         )
-    return loader
+    return _LoadedStep(loader)
 
 
 def stored_step_path(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> Path:
@@ -329,12 +339,8 @@ def stored_step_path(model: TransformerDecoder, *, batch_size: int, cache_len: i
     return _locate(model, batch_size=batch_size, cache_len=cache_len)[1]
 
 
-_BOUND: dict[int, dict[str, Tensor]] = {}
-"""Per loaded step (by ``id``), the tensors it was last bound to."""
-
-
-def _bind(runner: torch._C._aoti.AOTIModelPackageLoader, model: TransformerDecoder) -> None:
-    """Make ``runner`` compute with ``model``'s own tensors (user-managed: not copied), so the
+def _bind(step: _LoadedStep, model: TransformerDecoder) -> None:
+    """Make ``step`` compute with ``model``'s own tensors (user-managed: not copied), so the
     step reads its weights and writes its KV caches.
 
     AOTInductor keeps a reference to every user-managed tensor it is given, for good (torch
@@ -346,8 +352,8 @@ def _bind(runner: torch._C._aoti.AOTIModelPackageLoader, model: TransformerDecod
     again.
     """
     tensors = _named_tensors(model, prefix="model")
-    wanted = {name: tensors[name] for name in runner.get_constant_fqns()}
-    bound = _BOUND.get(id(runner))
+    wanted = {name: tensors[name] for name in step.runner.get_constant_fqns()}
+    bound = step.bound
     caches = {
         name for name, module in model.named_modules(prefix="model") if isinstance(module, KVCache)
     }
@@ -362,8 +368,8 @@ def _bind(runner: torch._C._aoti.AOTIModelPackageLoader, model: TransformerDecod
         for name, tensor in wanted.items()
     )
     if not reusable:
-        runner.load_constants(wanted, False, True, True)
-        _BOUND[id(runner)] = wanted
+        step.runner.load_constants(wanted, False, True, True)
+        step.bound = wanted
         return
     for name, tensor in wanted.items():
         if in_cache(name) and tensor is not bound[name]:
@@ -403,10 +409,10 @@ class DecodeStep:
                 _build_unless_stored(
                     model, key=key, path=path, batch_size=batch_size, cache_len=cache_len
                 )
-            runner = _stored_loader(path, key)
-            if runner is None:
+            step = _stored_loader(path, key)
+            if step is None:
                 return
-            _bind(runner, model)
+            _bind(step, model)
         except (OSError, RuntimeError, KeyError) as error:
             warnings.warn(
                 f"decoding eagerly: the compiled decode step is not available ({error})",
@@ -414,7 +420,7 @@ class DecodeStep:
                 stacklevel=2,
             )
             return
-        self.runner = runner
+        self.runner = step.runner
         self.all_slots = torch.ones(batch_size, 1, 1, cache_len, dtype=torch.bool)
 
     @property
