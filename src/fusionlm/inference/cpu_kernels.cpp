@@ -152,7 +152,6 @@ float dot(const float* x, const Weight* w, int64_t k_size) {
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
-constexpr int64_t kIsaBlockRows[] = {4, 4, 8};
 
 bool cpu_runs(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -301,20 +300,19 @@ struct Vec {
 #pragma GCC pop_options
 #endif
 
-Int8Block int8_kernel(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (isa == Isa::kAvx512) return avx512::int8_block;
-  if (isa == Isa::kAvx2) return avx2::int8_block;
-#endif
-  return int8_block_scalar;
-}
+// An instruction set's int8 and int4 kernels, and the rows of x a block of theirs takes.
+struct GroupKernels {
+  Int8Block int8;
+  Int4Block int4;
+  int64_t max_block;
+};
 
-Int4Block int4_kernel(Isa isa) {
+GroupKernels group_kernels(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (isa == Isa::kAvx512) return avx512::int4_block;
-  if (isa == Isa::kAvx2) return avx2::int4_block;
+  if (isa == Isa::kAvx512) return {avx512::int8_block, avx512::int4_block, avx512::Vec::kMaxRows};
+  if (isa == Isa::kAvx2) return {avx2::int8_block, avx2::int4_block, avx2::Vec::kMaxRows};
 #endif
-  return int4_block_scalar;
+  return {int8_block_scalar, int4_block_scalar, kBlockRows};
 }
 
 // One block of `rows` rows (1, 2 or kBlockRows) through dot_rows.
@@ -481,16 +479,15 @@ std::vector<at::Tensor> linear_int8(const at::Tensor& x, at::TensorList weights,
   }
   const auto w = pointers<int8_t>(weights);
   const auto s = pointers<float>(scales);
-  const Isa isa = active_isa();
-  const Int8Block kernel = int8_kernel(isa);
+  const GroupKernels kernels = group_kernels(active_isa());
   const int64_t groups = k / kGroup;
   return matvecs(
       x.contiguous(), weights,
       [&](int64_t rows, int64_t, const float* x_rows, size_t i, int64_t n, float* y,
           int64_t y_stride) {
-        kernel(rows, x_rows, w[i] + n * k, s[i] + n * groups, groups, y, y_stride);
+        kernels.int8(rows, x_rows, w[i] + n * k, s[i] + n * groups, groups, y, y_stride);
       },
-      kIsaBlockRows[static_cast<int>(isa)]);
+      kernels.max_block);
 }
 
 std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
@@ -516,8 +513,7 @@ std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
   const auto q = pointers<uint8_t>(weights);
   const auto s = pointers<float>(scales);
   const auto o = pointers<float>(offsets);
-  const Isa isa = active_isa();
-  const Int4Block kernel = int4_kernel(isa);
+  const GroupKernels kernels = group_kernels(active_isa());
   const auto input = x.contiguous();
   const int64_t m_size = input.size(0);
   const float* xp = input.data_ptr<float>();
@@ -529,10 +525,10 @@ std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
       input, weights,
       [&](int64_t rows, int64_t m, const float* x_rows, size_t i, int64_t n, float* y,
           int64_t y_stride) {
-        kernel(rows, x_rows, x_sums.data() + m * groups, q[i] + n * (k / 2), s[i] + n * groups,
-               o[i] + n * groups, groups, y, y_stride);
+        kernels.int4(rows, x_rows, x_sums.data() + m * groups, q[i] + n * (k / 2),
+                     s[i] + n * groups, o[i] + n * groups, groups, y, y_stride);
       },
-      kIsaBlockRows[static_cast<int>(isa)]);
+      kernels.max_block);
 }
 
 // The fp32 weight of an int8 layer (weight int8 [n, k], scale [n, k / 32]: scale * q) or an
