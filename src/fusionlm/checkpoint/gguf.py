@@ -155,9 +155,7 @@ def read_gguf(
         _check_names(tensors, path=path)
         _check_types(tensors.values(), path=path)
         workers = torch.get_num_threads()
-
-        def dequantized(name: str, stored: StoredTensor) -> dict[str, Tensor]:
-            return {name: stored.dequantize(dtype)}
+        convert = convert or functools.partial(_dequantized, dtype=dtype)
 
         with _one_torch_thread(), ThreadPoolExecutor(workers) as pool:
             loading = {}
@@ -167,7 +165,7 @@ def read_gguf(
                 ours = GGUF_LLAMA_KEYS.to_ours(info.name)
                 assert ours is not None  # _check_names
                 loading[ours] = pool.submit(
-                    _read_tensor, buf, info, ours, config=config, convert=convert or dequantized
+                    _read_tensor, buf, info, ours, config=config, convert=convert
                 )
             state_dict = {k: v for future in loading.values() for k, v in future.result().items()}
     return GGUFCheckpoint(
@@ -470,7 +468,11 @@ def _rope_scaling(
             raise ValueError(f"{path}: rope_freqs.weight together with {kind} scaling")
         _check_types([tensors[_ROPE_FREQS]], path=path)
         (factors,) = _read_tensor(
-            buf, tensors[_ROPE_FREQS], _ROPE_FREQS, config=None, convert=_as_float64
+            buf,
+            tensors[_ROPE_FREQS],
+            _ROPE_FREQS,
+            config=None,
+            convert=functools.partial(_dequantized, dtype=torch.float64),
         ).values()
         theta = float(metadata.get("llama.rope.freq_base", 10_000.0))
         return _llama3_rope(factors, theta=theta, head_dim=head_dim, path=path)
@@ -654,8 +656,9 @@ class StoredTensor:
         return out.view(self.shape)
 
 
-def _as_float64(name: str, stored: StoredTensor) -> dict[str, Tensor]:
-    return {name: stored.dequantize(torch.float64)}
+def _dequantized(name: str, stored: StoredTensor, *, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``read_gguf``'s default conversion: the tensor dequantized to ``dtype``."""
+    return {name: stored.dequantize(dtype)}
 
 
 def _read_tensor(

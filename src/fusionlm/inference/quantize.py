@@ -335,7 +335,8 @@ def weight_only_structure(
 
     def stored(name: str, weight: Tensor, bias: Tensor | None) -> nn.Module | None:
         prefix = stored_prefix(name + ".weight")
-        if state_dict.get(prefix + "weight", torch.empty(0, dtype=dtype)).dtype == dtype:
+        stored_weight = state_dict.get(prefix + "weight")
+        if stored_weight is None or stored_weight.dtype == dtype:
             return None  # absent, or kept in the activations' dtype: a plain layer
         buffers = {
             key: torch.empty_like(state_dict[prefix + key], device="meta")
