@@ -143,6 +143,22 @@ def test_stop_string_holdback():
     assert _split_at_stop_strings("Hello <", ["<|user|>"], final=True) == ("Hello <", "", False)
 
 
+def test_n_new_tokens_take_one_prefill_and_n_minus_1_steps(pair, monkeypatch):
+    model, _ = pair
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(
+        type(model),
+        "forward",
+        lambda self, tokens, **kw: calls.append(1) or forward(self, tokens, **kw),
+    )
+    generate(model, [[1, 2, 3]], max_new_tokens=4, compile=False)
+    assert len(calls) == 4
+    calls.clear()
+    generate(model, [[1, 2, 3]], max_new_tokens=1, compile=False)
+    assert len(calls) == 1
+
+
 def test_generate_leaves_the_model_without_caches(pair):
     model, _ = pair
     generate(model, [[1, 2, 3]], max_new_tokens=3)

@@ -300,7 +300,7 @@ def generate_tokens(
                 logits_to_keep=1,
             )[:, -1]
             position = positions[:, -1:]
-            for _ in range(max_new_tokens):
+            for emitted in range(1, max_new_tokens + 1):
                 next_tokens = sample(
                     logits,
                     sampling,
@@ -313,7 +313,7 @@ def generate_tokens(
                     for t, d in zip(next_tokens.tolist(), done.tolist(), strict=True)
                 ]
                 done |= torch.isin(next_tokens, stop)
-                if bool(done.all()):
+                if emitted == max_new_tokens or bool(done.all()):
                     return
                 history = torch.cat([history, next_tokens[:, None]], dim=1)
                 position = position + 1
