@@ -13,6 +13,13 @@ file for int4 (``--quant int4``, which is also what ``fusionlm generate`` runs b
 every command (this machine's memory bandwidth drifts by tens of percent over minutes);
 the table gives each command's median wall time and the tokens it produced.
 
+``fusionlm-served`` is the same ``fusionlm generate`` command while a ``fusionlm serve``
+started by this script (default slots and context, the same quantization and threads) runs
+the model: the command finds it and takes its reply from it, importing no torch (a model
+kept resident between commands, as Ollama's command line does). Its server reuses cached
+prompt prefixes, so each round asks a different story (the chat template's system header is
+what repeats); its peak RSS column is the command's, the server's is printed below the table.
+
 ``--contention`` adds decode speed with 0, 1 and 2 busy loops (``python -c "while True:
 pass"``) beside it, each system as a ratio to its own idle speed (``fusionlm bench`` and
 ``compare.py``'s llama.cpp loop).
@@ -24,10 +31,13 @@ import argparse
 import json
 import os
 import re
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 
 # This script's directory is on sys.path when it runs: compare.py makes the llama.cpp files.
@@ -41,33 +51,83 @@ MODES = {
     "int4": (["--quant", "int4"], "Q4_1"),
 }
 REPLY_LENGTHS = (16, 200)
-# The default model answers this with more than 200 tokens, so every reply runs its length.
+SYSTEMS = ("fusionlm", "fusionlm-eager", "fusionlm-served", "llama.cpp")
+# The default model answers these with more than 200 tokens, so every reply runs its length.
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+SUBJECTS = ("a bottle", "a drawer", "a book", "a boot", "a coat", "a tin", "a jar", "a box")
 
 
-def fusionlm_command(mode: str, new_tokens: int, args: argparse.Namespace, *, compile: bool):
+def prompt(round_: int) -> str:
+    """Round 0 (the warm-up) and later rounds each ask for another story."""
+    return PROMPT.replace("a bottle", SUBJECTS[round_ % len(SUBJECTS)])
+
+
+def command(
+    system: str, mode: str, new_tokens: int, round_: int, args: argparse.Namespace
+) -> list[str]:
+    if system == "llama.cpp":
+        return [
+            sys.executable, __file__, "--chat-child", str(llama_cpp_file(MODES[mode][1])),
+            str(new_tokens), prompt(round_), "--threads", str(args.threads),
+        ]  # fmt: skip
+    where = [] if system == "fusionlm-served" else ["--no-server"]
     return [
         *FUSIONLM, "generate", *MODES[mode][0], "--threads", str(args.threads),
-        "--max-new-tokens", str(new_tokens), "--compile" if compile else "--no-compile",
-        PROMPT,
+        "--max-new-tokens", str(new_tokens),
+        "--no-compile" if system == "fusionlm-eager" else "--compile", *where, prompt(round_),
     ]  # fmt: skip
 
 
-def llama_cpp_command(mode: str, new_tokens: int, args: argparse.Namespace) -> list[str]:
-    path = llama_cpp_file(MODES[mode][1])
-    return [
-        sys.executable, __file__, "--chat-child", str(path), str(new_tokens),
-        "--threads", str(args.threads),
-    ]  # fmt: skip
+@contextmanager
+def resident_servers(modes: list[str], args: argparse.Namespace):
+    """A ``fusionlm serve`` per mode on 127.0.0.1 and a free port while the block runs;
+    yields ``{mode: pid}``."""
+    servers = {}
+    try:
+        for mode in modes:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            servers[mode] = (port, subprocess.Popen(
+                [*FUSIONLM, "serve", *MODES[mode][0], "--threads", str(args.threads),
+                 "--port", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+        print("starting a server per mode (builds their decode steps if not stored)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        for mode, (port, process) in servers.items():
+            deadline = time.monotonic() + 600
+            while not healthy(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the {mode} server did not become ready")
+                time.sleep(0.5)
+        yield {mode: process.pid for mode, (_, process) in servers.items()}
+    finally:
+        for _, process in servers.values():
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
 
 
-def chat_child(path: str, new_tokens: int, threads: int) -> None:
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+
+
+def chat_child(path: str, new_tokens: int, text: str, threads: int) -> None:
     """One llama.cpp reply, as a user of llama-cpp-python would write it."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, verbose=False)
     reply = llm.create_chat_completion(
-        messages=[{"role": "user", "content": PROMPT}],
+        messages=[{"role": "user", "content": text}],
         max_tokens=new_tokens,
         temperature=0.0,
     )
@@ -93,26 +153,23 @@ def timed(command: list[str]) -> tuple[float, float, int]:
 
 
 def end_to_end(args: argparse.Namespace) -> None:
-    commands: dict[tuple[str, int, str], list[str]] = {}
-    for mode in args.modes.split(","):
-        for new_tokens in REPLY_LENGTHS:
-            commands[mode, new_tokens, "fusionlm"] = fusionlm_command(
-                mode, new_tokens, args, compile=True
-            )
-            commands[mode, new_tokens, "fusionlm-eager"] = fusionlm_command(
-                mode, new_tokens, args, compile=False
-            )
-            commands[mode, new_tokens, "llama.cpp"] = llama_cpp_command(mode, new_tokens, args)
-    print("warming up (builds the compiled decode steps if not stored)", file=sys.stderr)
-    for command in commands.values():
-        timed(command)
-    runs: dict[tuple[str, int, str], list[tuple[float, float, int]]] = {}
-    for round_ in range(args.rounds):
-        for name, command in commands.items():
-            runs.setdefault(name, []).append(timed(command))
-            wall, rss, tokens = runs[name][-1]
-            print(f"round {round_ + 1} {name}: {wall:.2f} s {rss:.0f} MB {tokens} tok",
-                  file=sys.stderr, flush=True)  # fmt: skip
+    modes = args.modes.split(",")
+    names = [(m, n, system) for m in modes for n in REPLY_LENGTHS for system in SYSTEMS]
+    with resident_servers(modes, args) as servers:
+        print("warming up (builds the compiled decode steps if not stored)", file=sys.stderr)
+        for mode, new_tokens, system in names:
+            timed(command(system, mode, new_tokens, 0, args))
+        runs: dict[tuple[str, int, str], list[tuple[float, float, int]]] = {}
+        for round_ in range(1, args.rounds + 1):
+            for name in names:
+                mode, new_tokens, system = name
+                runs.setdefault(name, []).append(
+                    timed(command(system, mode, new_tokens, round_, args))
+                )
+                wall, rss, tokens = runs[name][-1]
+                print(f"round {round_} {name}: {wall:.2f} s {rss:.0f} MB {tokens} tok",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        server_rss = {mode: peak_rss_mb(pid) for mode, pid in servers.items()}
     print(
         "| mode | reply | system | tokens | wall s (median) | min | max | peak RSS MB | vs llama.cpp |"
     )
@@ -126,6 +183,9 @@ def end_to_end(args: argparse.Namespace) -> None:
             f"| {mode} | {new_tokens} | {system} | {results[-1][2]} | {median:.2f} | "
             f"{min(walls):.2f} | {max(walls):.2f} | {max(r for _, r, _ in results):.0f} | {ratio} |"
         )
+    print()
+    for mode, rss in server_rss.items():
+        print(f"{mode} server (fusionlm-served): peak RSS {rss:.0f} MB")
 
 
 @contextmanager
@@ -174,11 +234,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--contention", action="store_true")
-    parser.add_argument("--chat-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--chat-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--decode-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chat_child:
-        chat_child(args.chat_child[0], int(args.chat_child[1]), args.threads)
+        path, new_tokens, text = args.chat_child
+        chat_child(path, int(new_tokens), text, args.threads)
         return
     if args.decode_child:
         settings = argparse.Namespace(

@@ -10,6 +10,7 @@ what it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # imported where used: parsing needs none of them
 
     from fusionlm.generation import GenerationStats, SamplingParams
     from fusionlm.modules.decoder import TransformerDecoder
+    from fusionlm.serving.local import ServedModel
     from fusionlm.tokenizer import Tokenizer
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -140,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument(
         "--raw", action="store_true", help="send the prompt as is, without the chat template"
+    )
+    gen.add_argument(
+        "--no-server",
+        action="store_true",
+        help="compute the reply in this process even when a local `fusionlm serve` runs this "
+        "model with the same settings (by default the reply comes from it, without loading)",
     )
     gen.add_argument(
         "--image",
@@ -381,9 +389,79 @@ def start_detached(command: list[str], *, log: Path) -> None:
         )
 
 
+def _local_server(args: argparse.Namespace) -> ServedModel | None:
+    """A running local ``fusionlm serve`` that computes this command's reply exactly as this
+    process would (``fusionlm.serving.local``), unless ``--no-server``."""
+    if args.no_server:
+        return None
+    from fusionlm.serving.local import find_server
+
+    return find_server(args.model, dtype=args.dtype, quant=args.quant, threads=args.threads)
+
+
+def _generate_on_server(args: argparse.Namespace, served: ServedModel) -> bool:
+    """Stream the reply from ``served`` to stdout; False, having written nothing, when the
+    server cannot take the request now (queue full, shutting down, prompt longer than its
+    rows): this process then computes it."""
+    from fusionlm.serving.local import ServerError, stream
+
+    chat = served.chat and not args.raw
+    body = {
+        "model": served.name,
+        "max_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if chat:
+        body["messages"] = _messages(args, [{"role": "user", "content": args.prompt}])
+    else:
+        body["prompt"] = args.prompt
+    started = time.perf_counter()
+    first_s, usage, wrote = None, {}, False
+    try:
+        for event in stream(served, "/v1/chat/completions" if chat else "/v1/completions", body):
+            usage = event.get("usage") or usage
+            for choice in event["choices"]:
+                text = choice["delta"].get("content") if chat else choice["text"]
+                if text:
+                    first_s = first_s or time.perf_counter() - started
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                    wrote = True
+    except (ServerError, OSError) as error:
+        busy = isinstance(error, OSError) or error.status in (429, 503)
+        if wrote or not (busy or error.code == "context_length_exceeded"):
+            raise UsageError(f"the server at {served.url}: {error}") from None
+        print(
+            f"fusionlm: the server at {served.url} cannot take this request ({error}); "
+            "computing it here",
+            file=sys.stderr,
+        )
+        return False
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - started
+    tokens = usage.get("completion_tokens", 0)
+    print(
+        f"{served.precision} | from the server at {served.url} (pid {served.pid}; --no-server "
+        f"computes here) | {tokens} new tok in {elapsed:.2f} s, first after {first_s or 0:.2f} s",
+        file=sys.stderr,
+    )
+    return True
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
+    served = None if args.image else _local_server(args)
+    if served is not None and _generate_on_server(args, served):
+        return 0
     _sampling(args)  # validate options before the model loads
     images = _load_images(args.image)  # a bad path fails before the model loads
     model, tokenizer, load_s = _load(args)
@@ -551,9 +629,30 @@ def run_serve(args: argparse.Namespace) -> int:
         ) from None
     from fusionlm.inference.quantize import precision
     from fusionlm.loading import load_model, load_tokenizer
+    from fusionlm.serving.local import LOOPBACK_HOSTS, ServedModel, model_identity, registered
+
+    tokenizer = load_tokenizer(args.model)
+    # A registered name as it is; a file or directory by its name.
+    name = Path(args.model).stem if Path(args.model).exists() else args.model
+    records = contextlib.ExitStack()
 
     def load() -> TransformerDecoder:
         model = load_model(args.model, dtype=_dtype(args), quant=args.quant)
+        if args.host in LOOPBACK_HOSTS and not keys:  # for this machine's generate commands
+            import torch
+
+            served = ServedModel(
+                url=f"http://{args.host}:{args.port}",
+                pid=os.getpid(),
+                name=name,
+                weights=model_identity(args.model),
+                dtype=args.dtype,
+                quant=args.quant,
+                threads=torch.get_num_threads(),
+                chat=tokenizer.is_chat,
+                precision=precision(model),
+            )
+            records.enter_context(registered(served))
         print(
             f"fusionlm: serving {args.model} ({precision(model)}), {args.slots} slots of "
             f"{args.ctx} tokens, on http://{args.host}:{args.port}",
@@ -562,22 +661,21 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return model
 
-    tokenizer = load_tokenizer(args.model)
-    serve(
-        load,
-        tokenizer,
-        # A registered name as it is; a file or directory by its name.
-        model_name=Path(args.model).stem if Path(args.model).exists() else args.model,
-        host=args.host,
-        port=args.port,
-        slots=args.slots,
-        ctx=args.ctx,
-        max_queue=args.max_queue,
-        api_keys=keys,
-        drain_timeout=args.drain_timeout,
-        compile=True if args.compile == "auto" else args.compile,
-        prefill_chunk=args.prefill_chunk,
-    )
+    with records:
+        serve(
+            load,
+            tokenizer,
+            model_name=name,
+            host=args.host,
+            port=args.port,
+            slots=args.slots,
+            ctx=args.ctx,
+            max_queue=args.max_queue,
+            api_keys=keys,
+            drain_timeout=args.drain_timeout,
+            compile=True if args.compile == "auto" else args.compile,
+            prefill_chunk=args.prefill_chunk,
+        )
     return 0
 
 

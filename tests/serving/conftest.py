@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 
+from fusionlm.cache import cache_root
+
 MODEL = "smollm2-135m-instruct"
 
 
@@ -72,3 +74,4 @@ def server() -> Iterator[ServerProcess]:
     process = ServerProcess("--slots", "4", "--ctx", "512", "--threads", "2")
     yield process
     assert process.stop() == 0
+    assert not list((cache_root() / "servers").glob("*.json"))  # its record went with it

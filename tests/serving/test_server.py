@@ -6,12 +6,15 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
 
+from fusionlm.serving.local import find_server
 from tests.serving.conftest import MODEL, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -214,6 +217,36 @@ def test_a_client_that_leaves_frees_its_row(server):
         assert time.monotonic() < deadline, "the row was not freed within a second"
         time.sleep(0.05)
     assert server.metric("fusionlm_requests_cancelled_total") == cancelled + 1
+
+
+# `fusionlm` in a process that fails if the command imported torch.
+TORCHLESS_CLI = (
+    "import sys; from fusionlm.cli import main; status = main(sys.argv[1:]); "
+    "assert 'torch' not in sys.modules, 'the command imported torch'; sys.exit(status)"
+)
+
+
+def test_generate_takes_its_reply_from_the_local_server_that_computes_it(server):
+    """The server records what it computes with; `fusionlm generate` with the same model and
+    settings streams its reply without importing torch, and with --no-server computes the
+    same text itself. Other settings are not served by it."""
+    assert find_server(MODEL, dtype="float32", quant="auto", threads=2).url == server.url
+    assert find_server(MODEL, dtype="float32", quant="auto", threads=None).url == server.url
+    assert find_server(MODEL, dtype="float32", quant="none", threads=None) is None
+    assert find_server(MODEL, dtype="float32", quant="auto", threads=1) is None
+    argv = ["generate", "What is the capital of France?", "--max-new-tokens", "24"]
+    served = subprocess.run(
+        [sys.executable, "-c", TORCHLESS_CLI, *argv], capture_output=True, text=True
+    )
+    assert served.returncode == 0, served.stderr
+    assert f"from the server at {server.url}" in served.stderr
+    local = subprocess.run(
+        [sys.executable, "-m", "fusionlm", *argv, "--no-server", "--threads", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert "from the server" not in local.stderr and "load" in local.stderr
+    assert served.stdout == local.stdout == ANSWER + "\n"
 
 
 def test_keys_a_full_queue_and_a_drain():
