@@ -61,12 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads must be >= 1, got {args.threads}")
-            import torch
-
-            torch.set_num_threads(args.threads)
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        if args.run is not run_generate:  # which may take its reply from a server, torchless
+            _set_threads(args)
         return args.run(args)
     except (UsageError, ValueError, TypeError, OSError) as e:
         if os.environ.get("FUSIONLM_DEBUG"):
@@ -77,6 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Give torch the ``--threads`` the command was given, if any."""
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,6 +468,7 @@ def run_generate(args: argparse.Namespace) -> int:
     served = None if args.image else _local_server(args)
     if served is not None and _generate_on_server(args, served):
         return 0
+    _set_threads(args)
     _sampling(args)  # validate options before the model loads
     images = _load_images(args.image)  # a bad path fails before the model loads
     model, tokenizer, load_s = _load(args)

@@ -234,14 +234,21 @@ def test_generate_takes_its_reply_from_the_local_server_that_computes_it(server)
     assert find_server(MODEL, dtype="float32", quant="auto", threads=None).url == server.url
     assert find_server(MODEL, dtype="float32", quant="none", threads=None) is None
     assert find_server(MODEL, dtype="float32", quant="auto", threads=1) is None
-    argv = ["generate", "What is the capital of France?", "--max-new-tokens", "24"]
+    argv = [
+        "generate",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "24",
+        "--threads",
+        "2",
+    ]
     served = subprocess.run(
         [sys.executable, "-c", TORCHLESS_CLI, *argv], capture_output=True, text=True
     )
     assert served.returncode == 0, served.stderr
     assert f"from the server at {server.url}" in served.stderr
     local = subprocess.run(
-        [sys.executable, "-m", "fusionlm", *argv, "--no-server", "--threads", "2"],
+        [sys.executable, "-m", "fusionlm", *argv, "--no-server"],
         capture_output=True,
         text=True,
     )
