@@ -7,6 +7,7 @@ PROMPT ?= What is the capital of France?
 .PHONY: install test lint format generate peers bench clean
 
 $(STAMP): pyproject.toml
+	@echo "fusionlm: setting up $(VENV): torch 2.13.0 (CPU), fusionlm with its dev extra, the default model (a minute with a warm pip cache, several on a fresh machine)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel first, so nothing later can pull a CUDA build of torch.

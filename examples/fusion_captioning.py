@@ -17,8 +17,10 @@ After training, the model captions held-out images with ``fusionlm.generate(...,
 images=...)``; the script prints the accuracy of each attribute and saves a grid of images
 with their captions.
 
-    pip install 'fusionlm[vision]'   # Pillow, for the PNG grid
-    python examples/fusion_captioning.py --out captions.png
+    .venv/bin/python examples/fusion_captioning.py --out captions.png   # 430-470 s on 2 cores
+
+(``make install`` includes Pillow, for the PNG grid; elsewhere ``pip install
+'fusionlm[vision]'``.)
 
 Seeded, so a run repeats exactly on the same machine (and number of threads).
 """
@@ -445,7 +447,12 @@ def save_grid(results: list[tuple[Example, str]], path: str, *, columns: int = 6
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0].rstrip(".")
+        + ": trains a small image encoder, fuses it into "
+        "the frozen default model and prints its captioning accuracy; 430-470 s on 2 "
+        "cores. Writes one PNG grid of held-out images and their captions (--out)."
+    )
     parser.add_argument("--encoder-steps", type=int, default=300, help="stage 1 (default 300)")
     parser.add_argument("--encoder-batch-size", type=int, default=32)
     parser.add_argument("--encoder-lr", type=float, default=3e-3)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from fusionlm.cli import main
 from fusionlm.inference import decode_step
 from fusionlm.inference.decode_step import stored_step_path
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS
-from tests.conftest import empty_cache
+from tests.helpers import empty_cache
 
 
 @pytest.mark.slow
@@ -39,6 +42,24 @@ def test_generate_streams_an_answer(capsys):
     assert "tok/s" in err and "load" in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "hi"],
+        ["chat"],
+        ["info"],
+        ["convert", "out"],
+        ["bench"],
+        ["compile"],
+        ["serve"],
+        ["eval", "--perplexity", "text.txt"],
+    ],
+)
+def test_every_command_names_its_model_with_model(argv):
+    """(``finetune`` names it in its config file.)"""
+    assert cli.build_parser().parse_args([*argv, "--model", "m.gguf"]).model == "m.gguf"
+
+
 def test_info_describes_the_default_model(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
@@ -51,7 +72,13 @@ def test_convert_gives_a_directory_transformers_loads_with_equal_logits(tmp_path
     import transformers
 
     out = tmp_path / "hf"
-    assert main(["convert", DEFAULT_MODEL, str(out)]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main(["convert", "--model", DEFAULT_MODEL, str(out)]) == 0
+    finally:
+        os.umask(umask)
+    # the mode a plain write gives, not a temporary file's 0600
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -66,7 +93,7 @@ def test_convert_gives_a_directory_transformers_loads_with_equal_logits(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens).logits, ours(tokens), atol=1e-4, rtol=0)
     assert fusionlm.load_model(out)(tokens).shape == (1, tokens.shape[1], 49152)
-    assert main(["convert", DEFAULT_MODEL, str(out)]) == 2
+    assert main(["convert", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
 
 
@@ -88,7 +115,7 @@ def one_line_error(capsys, argv: list[str], message: str) -> None:
         (["generate", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
         (["generate", "hi", "--threads", "0"], "--threads must be >= 1"),
         (["generate", "hi", "--model", "/no/such/model.gguf"], "no model at /no/such/model.gguf"),
-        (["info", "/no/such/dir"], "no model at"),
+        (["info", "--model", "/no/such/dir"], "no model at"),
         (["compile", "--model", "/no/such/model.gguf"], "no model at /no/such/model.gguf"),
         (["compile", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["compile", "--cache-len", "0"], "cache_len must be in [1, 8192], got 0"),
@@ -96,6 +123,25 @@ def one_line_error(capsys, argv: list[str], message: str) -> None:
 )
 def test_user_errors_print_one_line(capsys, argv, message):
     one_line_error(capsys, argv, message)
+
+
+def test_a_bug_is_an_internal_error_with_its_traceback_in_a_file(capsys, monkeypatch):
+    """A TypeError or ValueError from a bug is not the user's mistake: exit status 1, one
+    line that says so, the traceback in a file; FUSIONLM_DEBUG=1 raises it."""
+
+    def broken(args):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(cli, "run_info", broken)
+    assert main(["info"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fusionlm: internal error: TypeError: unsupported operand type(s)")
+    path = Path(line.split("the traceback is in ")[1].split(",")[0])
+    assert "in broken" in path.read_text()
+    path.unlink()
+    monkeypatch.setenv("FUSIONLM_DEBUG", "1")
+    with pytest.raises(TypeError):
+        main(["info"])
 
 
 def test_truncated_gguf_is_one_line(capsys, tmp_path):
@@ -119,7 +165,9 @@ def test_prompt_longer_than_context_is_one_line(capsys, tmp_path, hf_llama_dir):
 
 def test_python_dash_m_runs_the_command():
     result = subprocess.run(
-        [sys.executable, "-m", "fusionlm", "info", "/nope"], capture_output=True, text=True
+        [sys.executable, "-m", "fusionlm", "info", "--model", "/nope"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2 and result.stderr.startswith("fusionlm: error:")
 

@@ -11,7 +11,7 @@ from fusionlm.generation import SamplingParams, _split_at_stop_strings, generate
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from tests.conftest import make_hf_llama
+    from tests.helpers import make_hf_llama
 
     directory = tmp_path_factory.mktemp("gen")
     reference = make_hf_llama(directory, max_position_embeddings=128)

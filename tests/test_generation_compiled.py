@@ -20,8 +20,7 @@ from fusionlm.inference import decode_step
 from fusionlm.inference.quantize import quantize
 from fusionlm.inference.threads import ThreadPlanner
 from fusionlm.modules.kv_cache import KVCache
-from tests.conftest import empty_cache
-from tests.modules.test_decoder import tiny
+from tests.helpers import empty_cache, tiny
 
 pytestmark = [pytest.mark.compiled, pytest.mark.slow]
 

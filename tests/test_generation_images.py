@@ -14,7 +14,7 @@ from fusionlm.models.mllama import (
     mllama_cross_attention_mask,
     mllama_image_inputs,
 )
-from tests.parity.test_mllama_parity import CONFIGS, IMAGE, make_hf_mllama
+from tests.helpers import CONFIGS, IMAGE, make_hf_mllama
 
 # Rows: text then one image; an image first then text then a second image; no image.
 PROMPTS = [[5, 6, 7, IMAGE, 8, 9], [IMAGE, 11, 12, 13, 14, IMAGE, 15, 16, 17], [20, 21, 22, 23]]

@@ -12,8 +12,7 @@ from tokenizers import Tokenizer as Backend
 import fusionlm
 from fusionlm.cli import main
 from fusionlm.images import load_image, to_pil, to_tensor
-from tests.conftest import make_hf_llama
-from tests.parity.test_mllama_parity import CONFIGS, IMAGE, make_hf_mllama
+from tests.helpers import CONFIGS, IMAGE, make_hf_llama, make_hf_mllama
 
 PIL = pytest.importorskip("PIL.Image")
 

@@ -31,6 +31,17 @@ def test_loading_and_generating_do_not_import_the_compiler_stack(hf_llama_dir):
     assert not {m for m in modules if m.startswith(COMPILER_STACK)}
 
 
+def test_every_public_name_is_its_home_modules_object():
+    import importlib
+
+    import fusionlm
+
+    for name in fusionlm.__all__:
+        home = importlib.import_module(fusionlm._HOMES[name])
+        assert getattr(fusionlm, name) is getattr(home, name), name
+    assert fusionlm.TransformerDecoder.__module__ == "fusionlm.modules.decoder"
+
+
 def test_import_fusionlm_imports_no_torch_until_a_name_is_used():
     assert "torch" not in imported_after("import fusionlm")
     assert "fusionlm.loading" in imported_after("import fusionlm\nfusionlm.load_model")

@@ -1,7 +1,9 @@
 """The ``fusionlm`` command: parse, call the library, print.
 
-Errors the user caused (a missing file, a bad option value, a prompt too long) print one
-line to stderr and exit with status 2; set ``FUSIONLM_DEBUG=1`` to see the traceback.
+Errors the user caused (a missing file, a bad option value, a prompt too long: an
+``OSError`` or a ``fusionlm.errors.FusionlmError``) print one line to stderr and exit with
+status 2; anything else is a bug of ours: one line saying so and where the traceback was
+written, exit status 1. ``FUSIONLM_DEBUG=1`` raises either with its traceback.
 
 Parsing imports nothing heavy (``--help`` answers before torch loads); each command imports
 what it runs.
@@ -16,11 +18,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusionlm.errors import FusionlmError
 from fusionlm.inference.weight_formats import QUANTIZATIONS
 from fusionlm.models.registry import DEFAULT_MODEL
 
@@ -36,7 +41,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-class UsageError(Exception):
+class UsageError(FusionlmError):
     """A mistake in how the command was called."""
 
 
@@ -66,15 +71,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run is not run_generate:  # which may take its reply from a server, torchless
             _set_threads(args)
         return args.run(args)
-    except (UsageError, ValueError, TypeError, OSError) as e:
-        if os.environ.get("FUSIONLM_DEBUG"):
-            raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"fusionlm: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("FUSIONLM_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, (FusionlmError, OSError)):
+            print(f"fusionlm: error: {message}", file=sys.stderr)
+            return 2
+        print(
+            f"fusionlm: internal error: {type(e).__name__}: {message} (a bug in fusionlm; the "
+            f"traceback is in {_write_traceback()}, FUSIONLM_DEBUG=1 prints it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _write_traceback() -> str:
+    """The exception being handled's traceback, in a new file; returns its path."""
+    with tempfile.NamedTemporaryFile(
+        "w", prefix="fusionlm-traceback-", suffix=".txt", delete=False
+    ) as out:
+        traceback.print_exc(file=out)
+    return out.name
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -89,12 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusionlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument(
+    naming = argparse.ArgumentParser(add_help=False)  # every command names its model so
+    naming.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"registered name, .gguf file or HF directory (default {DEFAULT_MODEL})",
     )
+    model = argparse.ArgumentParser(add_help=False, parents=[naming])
     model.add_argument("--dtype", choices=DTYPES, default="float32")
     model.add_argument(
         "--quant",
@@ -172,9 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=run_chat)
 
     convert = commands.add_parser(
-        "convert", parents=[model], help="write a model as a transformers directory"
+        "convert", parents=[model], help="write the model as a transformers directory"
     )
-    convert.add_argument("source")
     convert.add_argument("out_dir")
     convert.add_argument("--force", action="store_true", help="write into a non-empty directory")
     convert.set_defaults(run=run_convert)
@@ -249,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window", type=int, default=512, help="tokens per scored window")
     evaluate.set_defaults(run=run_eval)
 
-    info = commands.add_parser("info", help="describe a model without loading its weights")
-    info.add_argument("source", nargs="?", default=DEFAULT_MODEL)
+    info = commands.add_parser(
+        "info", parents=[naming], help="describe the model without loading its weights"
+    )
     info.set_defaults(run=run_info)
 
     finetune = commands.add_parser(
@@ -486,7 +508,7 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = tokenizer.encode(args.prompt)
-    image_token = getattr(getattr(model, "config", None), "image_token_index", None)
+    image_token = getattr(model.config, "image_token_index", None)
     if images and image_token is not None and image_token not in ids:
         # A raw prompt without image tokens: the images come first, as Llama 3.2 Vision's.
         ids = [image_token] * len(images) + ids
@@ -552,8 +574,8 @@ def run_convert(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UsageError(f"{out} is not empty; choose another directory or pass --force")
-    model = load_model(args.source, dtype=_dtype(args))
-    tokenizer = load_tokenizer(args.source)
+    model = load_model(args.model, dtype=_dtype(args))
+    tokenizer = load_tokenizer(args.model)
     save_hf(model, out, tokenizer=tokenizer)
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -569,7 +591,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fusionlm.inference.benchmark import benchmark
+    from fusionlm.benchmark import benchmark
 
     # The fast path unless told otherwise: built if not stored (the warm-up shows the cost).
     compile_step = True if args.compile == "auto" else args.compile
@@ -703,7 +725,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from fusionlm.loading import describe
 
-    for key, value in describe(args.source).items():
+    for key, value in describe(args.model).items():
         print(f"{key:<14} {value}")
     return 0
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.decoder import TransformerDecoder
 
 
@@ -22,9 +23,9 @@ def perplexity(model: TransformerDecoder, ids: Sequence[int], *, window: int = 5
         ValueError: fewer than two tokens, or a window outside ``[2, model.max_seq_len]``.
     """
     if len(ids) < 2:
-        raise ValueError("perplexity needs a text of at least two tokens")
+        raise InvalidInputError("perplexity needs a text of at least two tokens")
     if not 2 <= window <= model.max_seq_len:
-        raise ValueError(f"window must be in [2, {model.max_seq_len}], got {window}")
+        raise InvalidInputError(f"window must be in [2, {model.max_seq_len}], got {window}")
     tokens = torch.tensor(list(ids), dtype=torch.long)
     total_nll, count = 0.0, 0
     with torch.inference_mode():

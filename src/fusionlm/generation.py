@@ -23,17 +23,58 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.inference.decode_step import CompileMode, DecodeStep
 from fusionlm.modules import masks
-from fusionlm.modules.decoder import TransformerDecoder
 
 CACHE_LENGTH_MULTIPLE = 256
 """Compiled decoding rounds the KV cache length up to a multiple of this (see the module doc)."""
+
+
+class Decoder(Protocol):
+    """What generation needs of a model: ``TransformerDecoder`` and ``DeepFusionModel``
+    (whose ``encoder_input`` carries images) both are one."""
+
+    config: Any
+
+    @property
+    def max_seq_len(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        encoder_max_seq_len: int | None = None,
+        decoder_max_seq_len: int | None = None,
+        fixed_shape: bool = False,
+    ) -> None: ...
+
+    def remove_caches(self) -> None: ...
+
+    def __call__(
+        self,
+        tokens: Tensor,
+        *,
+        mask: Tensor | None = None,
+        encoder_input: Any = None,
+        encoder_mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> Tensor:
+        """``tokens [b, s]`` -> logits ``[b, s or logits_to_keep, v]``."""
+
 
 if TYPE_CHECKING:
     from fusionlm.images import ImageLike
@@ -65,21 +106,25 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise InvalidInputError(
+                f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
+            )
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k}")
+            raise InvalidInputError(f"top_k must be an integer >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidInputError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidInputError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise InvalidInputError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         for token, bias in (self.logit_bias or {}).items():
             if not isinstance(token, int) or token < 0 or not -100.0 <= bias <= 100.0:
-                raise ValueError(
+                raise InvalidInputError(
                     f"logit_bias maps token ids (>= 0) to biases in [-100, 100], got "
                     f"{token!r}: {bias!r}"
                 )
@@ -167,7 +212,7 @@ def sample(
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
         if int(ids.max()) >= logits.shape[-1]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"logit_bias names token {int(ids.max())}, beyond the vocabulary of "
                 f"{logits.shape[-1]} tokens"
             )
@@ -192,7 +237,7 @@ def sample(
 
 
 def generate_tokens(
-    model: TransformerDecoder,
+    model: Decoder,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
@@ -228,18 +273,18 @@ def generate_tokens(
             (or the reverse).
     """
     if not prompts:
-        raise ValueError("generate needs at least one prompt")
+        raise InvalidInputError("generate needs at least one prompt")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if compile not in ("auto", True, False):
-        raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+        raise InvalidInputError(f"compile must be 'auto', True or False, got {compile!r}")
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
-        raise ValueError("a prompt is empty: every prompt needs at least one token")
+        raise InvalidInputError("a prompt is empty: every prompt needs at least one token")
     longest = max(lengths)
     total = longest + max_new_tokens
     if total > model.max_seq_len:
-        raise ValueError(
+        raise InvalidInputError(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {total} exceeds the "
             f"model's context of {model.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
         )
@@ -347,7 +392,7 @@ def _check_encoder_input(
     if encoder_input is None and encoder_mask is None:
         return None, None
     if encoder_input is None or encoder_mask is None:
-        raise ValueError(
+        raise InvalidInputError(
             "encoder_input and encoder_mask go together: the mask [b, longest prompt, s_e] says "
             "which encoder positions each prompt token sees"
         )
@@ -358,7 +403,7 @@ def _check_encoder_input(
         )
     fits = encoder_mask.dim() == 3 and tuple(encoder_mask.shape[:2]) == shape
     if encoder_mask.dtype != torch.bool or not fits:
-        raise ValueError(
+        raise InvalidInputError(
             f"encoder_mask must be bool [b, longest prompt, s_e] = [{shape[0]}, {shape[1]}, s_e], "
             f"got {encoder_mask.dtype} {tuple(encoder_mask.shape)}"
         )
@@ -367,7 +412,7 @@ def _check_encoder_input(
 
 
 def _image_inputs(
-    model: TransformerDecoder,
+    model: Decoder,
     prompts: Sequence[Sequence[int]],
     images: Sequence[Sequence[ImageLike]] | None,
 ) -> tuple[dict[str, Tensor] | None, Tensor | None]:
@@ -381,7 +426,7 @@ def _image_inputs(
 
 
 def generate(
-    model: TransformerDecoder,
+    model: Decoder,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 64,
@@ -425,7 +470,7 @@ def generate(
         the new tokens of each prompt (not the prompt).
     """
     if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode the output")
+        raise InvalidInputError("stop_strings need a tokenizer to decode the output")
     encoder_input, encoder_mask = _image_inputs(model, prompts, images)
     sampling = SamplingParams(
         temperature=temperature,
@@ -473,7 +518,7 @@ def generate(
 
 
 def generate_stream(
-    model: TransformerDecoder,
+    model: Decoder,
     tokenizer: Tokenizer,
     prompt: Sequence[int],
     *,

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fusionlm.errors import InvalidInputError
+
 if TYPE_CHECKING:
     from PIL import Image as _PILImage
 
@@ -57,7 +59,7 @@ def load_image(path: str | os.PathLike[str]) -> _PILImage.Image:
         raise FileNotFoundError(f"no image file {os.fspath(path)}") from None
     except (Image.UnidentifiedImageError, OSError, SyntaxError) as e:
         # Pillow raises SyntaxError for some truncated or corrupt headers.
-        raise ValueError(f"cannot read image {os.fspath(path)}: {e}") from None
+        raise InvalidInputError(f"cannot read image {os.fspath(path)}: {e}") from None
 
 
 def _is_pil(image: Any) -> bool:
@@ -83,7 +85,9 @@ def to_tensor(image: ImageLike) -> Tensor:
             f"an image must be a Pillow image or a tensor [c, h, w], got {type(image).__name__}"
         )
     if image.dim() != 3:
-        raise ValueError(f"an image tensor must be [c, h, w], got shape {tuple(image.shape)}")
+        raise InvalidInputError(
+            f"an image tensor must be [c, h, w], got shape {tuple(image.shape)}"
+        )
     if image.dtype == torch.uint8:
         return image.float() / 255.0
     if not image.is_floating_point():
@@ -109,7 +113,7 @@ def to_pil(image: ImageLike) -> _PILImage.Image:
         image = (to_tensor(image).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
     channels = image.shape[0]
     if channels not in (1, 3, 4):
-        raise ValueError(f"an image needs 1, 3 or 4 channels, got {channels}")
+        raise InvalidInputError(f"an image needs 1, 3 or 4 channels, got {channels}")
     array = image.permute(1, 2, 0).contiguous().numpy()
     # uint8 arrays [h, w], [h, w, 3] and [h, w, 4] become "L", "RGB" and "RGBA" images.
     return Image.fromarray(array[:, :, 0] if channels == 1 else array)

@@ -15,12 +15,13 @@ from torch import Tensor, nn
 from fusionlm.checkpoint.ggml_quants import AFFINE
 from fusionlm.checkpoint.gguf import StoredTensor, read_gguf, read_gguf_config, read_gguf_metadata
 from fusionlm.checkpoint.hf import (
-    LLAMA_KEYS,
     hf_to_ours,
     read_config,
     read_safetensors,
     write_hf_dir,
 )
+from fusionlm.checkpoint.keys import HF_LLAMA_KEYS
+from fusionlm.errors import InvalidInputError
 from fusionlm.inference.attention import BACKEND as ATTENTION_BACKEND
 from fusionlm.inference.cpu_kernels import load_kernels
 from fusionlm.inference.quantize import (
@@ -78,24 +79,15 @@ def load_model(
             not fit the config.
     """
     if quant not in QUANTIZATIONS:
-        raise ValueError(f"unknown quant {quant!r}; choose one of {list(QUANTIZATIONS)}")
+        raise InvalidInputError(f"unknown quant {quant!r}; choose one of {list(QUANTIZATIONS)}")
     if attn_backend is None:
         attn_backend = ATTENTION_BACKEND if load_kernels() else "sdpa"
-    path = resolve(source)
-    if path.is_dir():
-        model = _load_hf_dir(path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len)
-    elif path.suffix == ".gguf" and path.is_file():
+    path = model_path(source)
+    if path.suffix == ".gguf":
         return _load_gguf(
             path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len, quant=quant
         ).eval()
-    elif path.exists():
-        raise ValueError(
-            f"{path}: unsupported format; fusionlm reads .gguf files and transformers directories"
-        )
-    else:
-        raise FileNotFoundError(
-            f"no model at {path}: expected a registered name {sorted(MODELS)}, a .gguf file or a transformers directory"
-        )
+    model = _load_hf_dir(path, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len)
     if quant not in ("none", "auto"):
         quantize(model, quant)
     return model.eval()
@@ -114,16 +106,31 @@ def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> Tokenizer:
         FileNotFoundError: the source or its tokenizer files do not exist.
         ValueError: an unsupported tokenizer.
     """
-    path = resolve(source)
+    path = model_path(source)
     if path.is_dir():
         return Tokenizer.from_dir(path)
-    if path.suffix == ".gguf" and path.is_file():
-        return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
+    return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
+
+
+def model_path(source: str | os.PathLike[str]) -> Path:
+    """The file or directory a model source names: a registered name's file, a ``.gguf``
+    file, or a transformers directory.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        ValueError: something fusionlm does not read.
+    """
+    path = resolve(source)
+    if path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
+        return path
     if path.exists():
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: unsupported format; fusionlm reads .gguf files and transformers directories"
         )
-    raise FileNotFoundError(f"no tokenizer at {path}")
+    raise FileNotFoundError(
+        f"no model at {path}: expected a registered name {sorted(MODELS)}, a .gguf file or a "
+        "transformers directory"
+    )
 
 
 def _load_gguf(
@@ -173,7 +180,7 @@ def _weight_only_tensor(
     if quant == "auto":
         return {name: stored.dequantize(dtype)}
     if quant == "int4" and stored.qtype not in FLOAT_TYPES:
-        raise ValueError(
+        raise InvalidInputError(
             f"tensor {name} is {stored.qtype.name}, which int4 does not run as stored (it runs "
             "Q4_0, Q4_1 and Q4_K blocks, and Q8_0 as int8) and would round a second time; "
             "load this file with quant 'auto' (such tensors in fp32), 'int8' or 'none'"
@@ -199,25 +206,38 @@ def _load_hf_dir(
     directory: Path, *, dtype: torch.dtype, attn_backend: str, max_seq_len: int | None
 ) -> TransformerDecoder | DeepFusionModel:
     raw_config = read_config(directory)
-    model_type = raw_config.get("model_type")
-    if model_type not in SUPPORTED_HF_MODEL_TYPES:
-        raise ValueError(
-            f"{directory}: unsupported architecture model_type={model_type!r}; supported: {list(SUPPORTED_HF_MODEL_TYPES)}"
-        )
-    if model_type == "mllama":
+    if _model_type(directory, raw_config) == "mllama":
         # Imported here: the vision families' modules are not needed to load a text model.
-        from fusionlm.checkpoint.mllama import load_mllama_dir
+        from fusionlm.checkpoint.mllama import read_mllama_dir
+        from fusionlm.models.mllama import llama3_2_vision
 
-        return load_mllama_dir(
-            directory, dtype=dtype, attn_backend=attn_backend, max_seq_len=max_seq_len
+        vision_config, state_dict = read_mllama_dir(directory, dtype=dtype)
+        model = llama3_2_vision(
+            vision_config, attn_backend=attn_backend, max_seq_len=max_seq_len, init_weights=False
         )
-    config = LlamaConfig.from_hf(raw_config)
-    state_dict = hf_to_ours(
-        read_safetensors(directory, dtype=dtype), table=LLAMA_KEYS, tied=config.tie_word_embeddings
-    )
-    model = llama(config, attn_backend=attn_backend, max_seq_len=max_seq_len, init_weights=False)
+    else:
+        config = LlamaConfig.from_hf(raw_config)
+        state_dict = hf_to_ours(
+            read_safetensors(directory, dtype=dtype),
+            table=HF_LLAMA_KEYS,
+            tied=config.tie_word_embeddings,
+        )
+        model = llama(
+            config, attn_backend=attn_backend, max_seq_len=max_seq_len, init_weights=False
+        )
     assign_weights(model, state_dict, source=str(directory))
     return model
+
+
+def _model_type(directory: Path, raw_config: Mapping[str, object]) -> str:
+    """``config.json``'s ``model_type``, one of ``SUPPORTED_HF_MODEL_TYPES``."""
+    model_type = raw_config.get("model_type")
+    if model_type not in SUPPORTED_HF_MODEL_TYPES:
+        raise InvalidInputError(
+            f"{directory}: unsupported architecture model_type={model_type!r}; supported: "
+            f"{list(SUPPORTED_HF_MODEL_TYPES)}"
+        )
+    return str(model_type)
 
 
 def assign_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str) -> None:
@@ -242,7 +262,9 @@ def assign_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, source
     if mismatched:
         problems.append(f"shape mismatch {mismatched[:10]}{' ...' if len(mismatched) > 10 else ''}")
     if problems:
-        raise ValueError(f"weights in {source} do not fit the model config: " + "; ".join(problems))
+        raise InvalidInputError(
+            f"weights in {source} do not fit the model config: " + "; ".join(problems)
+        )
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
@@ -261,9 +283,9 @@ def save_hf(
     Returns:
         the directory.
     """
-    config = getattr(model, "config", None)
+    config = model.config
     if not isinstance(config, LlamaConfig):
-        raise ValueError("save_hf needs a model built from a LlamaConfig (model.config)")
+        raise InvalidInputError("save_hf needs a model built from a LlamaConfig (model.config)")
     directory = Path(out_dir)
     dtype = next(model.parameters()).dtype
     hf_config = {**config.to_hf(), "dtype": str(dtype).removeprefix("torch.")}
@@ -281,7 +303,7 @@ def save_hf(
         directory,
         state_dict=model.state_dict(),
         config=hf_config,
-        table=LLAMA_KEYS,
+        table=HF_LLAMA_KEYS,
         extra_files={
             "generation_config.json": json.dumps(
                 {k: v for k, v in generation_config.items() if v is not None}, indent=2
@@ -301,8 +323,9 @@ def describe(source: str | os.PathLike[str] = DEFAULT_MODEL) -> dict[str, str]:
         ordered fields: source, format, architecture, parameters, dtype, context,
         quantization, file size.
     """
-    path = resolve(source)
-    if path.suffix == ".gguf" and path.is_file():
+    path = model_path(source)
+    parts = ""
+    if path.suffix == ".gguf":
         config, quantization = read_gguf_config(path)
         files, fmt = [path], "gguf"
         native = STORED_FORMATS.get(getattr(Q, quantization, None))
@@ -311,25 +334,35 @@ def describe(source: str | os.PathLike[str] = DEFAULT_MODEL) -> dict[str, str]:
             if native
             else "per tensor, dequantized at load"
         )
-    elif path.is_dir():
+        model = llama(config, init_weights=False)
+    else:
         raw = read_config(path)
-        config = LlamaConfig.from_hf(raw)
         files = sorted(path.glob("*.safetensors"))
         fmt, quantization = "transformers directory (safetensors)", "none"
         dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "unknown")
-    elif path.exists():
-        raise ValueError(
-            f"{path}: unsupported format; fusionlm reads .gguf files and transformers directories"
-        )
-    else:
-        raise FileNotFoundError(f"no model at {path}")
-    parameters = sum(p.numel() for p in llama(config, init_weights=False).parameters())
+        if _model_type(path, raw) == "mllama":
+            from fusionlm.checkpoint.mllama import read_mllama_config
+            from fusionlm.models.mllama import llama3_2_vision
+
+            vision_config = read_mllama_config(path)
+            config = vision_config.text
+            parts = (
+                f" + {len(vision_config.cross_attention_layers)} cross-attention layers and a "
+                f"{vision_config.vision.num_hidden_layers}+{vision_config.vision.num_global_layers}"
+                "-layer image encoder (mllama)"
+            )
+            model = llama3_2_vision(vision_config, init_weights=False)
+        else:
+            config = LlamaConfig.from_hf(raw)
+            model = llama(config, init_weights=False)
+    parameters = sum(p.numel() for p in model.parameters())
     return {
         "source": str(path),
         "format": fmt,
         "architecture": (
             f"llama: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"{config.num_attention_heads} heads ({config.num_key_value_heads} kv), vocab {config.vocab_size}"
+            f"{config.num_attention_heads} heads ({config.num_key_value_heads} kv), vocab "
+            f"{config.vocab_size}{parts}"
         ),
         "parameters": f"{parameters / 1e6:.1f} M",
         "dtype": dtype,

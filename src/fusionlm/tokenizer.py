@@ -17,8 +17,6 @@ helpers transformers gives them (``raise_exception``, ``strftime_now``, a non-es
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,9 +27,13 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
+
+from fusionlm.errors import InvalidInputError
+from fusionlm.files import atomic_write_text, read_json_object
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
@@ -196,7 +198,7 @@ def _byte_level_backend(tokens: list[str], merges: list[tuple[str, str]], pre: s
     }
     rule = _PRE_TOKENIZERS[pre]
     backend = _Backend(
-        models.BPE(
+        _bpe(
             vocab=vocab,
             merges=merges,
             dropout=None,
@@ -216,7 +218,7 @@ def _sentencepiece_backend(
 ) -> _Backend:
     vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = _Backend(
-        models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None)
+        _bpe(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None)
     )
     if phi3:
         # Phi-3 writes its prefix space with a normalizer: "  hi" -> "▁▁▁hi", where Metaspace
@@ -235,6 +237,15 @@ def _sentencepiece_backend(
         steps.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(steps)
     return backend
+
+
+def _bpe(**options: Any) -> models.BPE:
+    """tokenizers' BPE model; a vocabulary it refuses (a merge of tokens it does not hold) is
+    the file's mistake, said as one."""
+    try:
+        return models.BPE(**options)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise InvalidInputError(f"the GGUF vocabulary is inconsistent: {e}") from None
 
 
 def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
@@ -257,7 +268,7 @@ def _parse_merges(merges: Sequence[str]) -> list[tuple[str, str]]:
     for merge in merges:
         parts = str(merge).split(" ")
         if len(parts) != 2:
-            raise ValueError(f"malformed GGUF merge {merge!r}: expected two tokens")
+            raise InvalidInputError(f"malformed GGUF merge {merge!r}: expected two tokens")
         pairs.append((parts[0], parts[1]))
     return pairs
 
@@ -305,9 +316,17 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, refusing unsafe attribute access outright (jinja2's own
+    gives an undefined value that prints as nothing, so a probing template would render)."""
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise SecurityError(f"a chat template may not read {attribute!r} of a {type(obj).__name__}")
+
+
 @lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _Sandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_GenerationTag, jinja2.ext.loopcontrols],
@@ -318,7 +337,7 @@ def _compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateError as e:
-        raise ValueError(f"chat template does not compile: {e}") from e
+        raise InvalidInputError(f"chat template does not compile: {e}") from e
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -336,27 +355,29 @@ def _plain(value: Any, where: str) -> Any:
         return int.__int__(value)
     if isinstance(value, float):
         return float.__float__(value)
-    raise ValueError(f"{where} is a {type(value).__name__}; messages hold JSON-like data only")
+    raise InvalidInputError(
+        f"{where} is a {type(value).__name__}; messages hold JSON-like data only"
+    )
 
 
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(
+        raise InvalidInputError(
             f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}"
         )
     checked = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] is a {type(message).__name__}, not a dict")
+            raise InvalidInputError(f"messages[{i}] is a {type(message).__name__}, not a dict")
         # As transformers does: a None value means "absent" (OpenAI-style content=None).
         message = {k: v for k, v in message.items() if v is not None}
         if not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{i}] needs a str 'role', got {message!r:.80}")
+            raise InvalidInputError(f"messages[{i}] needs a str 'role', got {message!r:.80}")
         content = message.get("content")
         if content is None and "tool_calls" not in message:
-            raise ValueError(f"messages[{i}] has no 'content'")
+            raise InvalidInputError(f"messages[{i}] has no 'content'")
         if content is not None and not isinstance(content, str | list):
-            raise ValueError(
+            raise InvalidInputError(
                 f"messages[{i}]['content'] must be a str (or a list of parts), "
                 f"got {type(content).__name__}"
             )
@@ -368,13 +389,8 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
+    """The JSON object in ``path``, or ``{}`` if the directory has no such file."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:
@@ -395,18 +411,6 @@ def _pick_template(value: Any) -> str | None:
         template = named.get("default")
         return template if isinstance(template, str) else None
     return None
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a failed save leaves no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- the tokenizer ------------------------------------------------------------------------------
@@ -511,21 +515,21 @@ class Tokenizer:
         """
         kind = metadata.get("tokenizer.ggml.model")
         if kind is None:
-            raise ValueError("GGUF metadata has no tokenizer (no tokenizer.ggml.model)")
+            raise InvalidInputError("GGUF metadata has no tokenizer (no tokenizer.ggml.model)")
         kind = _as_str(kind)
         arch = _as_str(metadata.get("general.architecture", ""))
         if kind not in ("gpt2", "llama"):
-            raise ValueError(
+            raise InvalidInputError(
                 f"unsupported GGUF tokenizer model {kind!r}; supported: 'gpt2' (byte-level BPE) "
                 "and 'llama' (sentencepiece)"
             )
         if "tokenizer.ggml.tokens" not in metadata:
-            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
+            raise InvalidInputError("GGUF metadata has no tokenizer.ggml.tokens")
         tokens = [_as_str(t) for t in metadata["tokenizer.ggml.tokens"]]
         # Without types every token is an ordinary one.
         types = [int(t) for t in metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)]
         if len(types) != len(tokens):
-            raise ValueError(
+            raise InvalidInputError(
                 f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
             )
         merges = metadata.get("tokenizer.ggml.merges")
@@ -537,12 +541,14 @@ class Tokenizer:
         if kind == "gpt2":
             pre = _as_str(metadata.get("tokenizer.ggml.pre") or "default")
             if pre not in _PRE_TOKENIZERS:
-                raise ValueError(
+                raise InvalidInputError(
                     f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre); "
                     f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}"
                 )
             if merges is None:
-                raise ValueError("a byte-level (gpt2) GGUF vocabulary needs tokenizer.ggml.merges")
+                raise InvalidInputError(
+                    "a byte-level (gpt2) GGUF vocabulary needs tokenizer.ggml.merges"
+                )
             backend = _byte_level_backend(tokens, _parse_merges(merges), pre)
             add_bos = flag("add_bos_token", _PRE_TOKENIZERS[pre].add_bos)
             alphabet = set(_byte_alphabet().values())
@@ -553,7 +559,7 @@ class Tokenizer:
             # llama.cpp has no pre-tokenizers for sentencepiece vocabularies; a stray
             # tokenizer.ggml.pre is ignored, as it does.
             if arch.startswith("gemma"):
-                raise ValueError(
+                raise InvalidInputError(
                     f"unsupported GGUF tokenizer: sentencepiece vocabulary of architecture {arch!r}"
                 )
             if merges is not None:
@@ -561,7 +567,7 @@ class Tokenizer:
             else:
                 scores = metadata.get("tokenizer.ggml.scores")
                 if scores is None or len(scores) != len(tokens):
-                    raise ValueError(
+                    raise InvalidInputError(
                         "a sentencepiece (llama) GGUF vocabulary needs tokenizer.ggml.scores "
                         "(one per token) or tokenizer.ggml.merges"
                     )
@@ -640,13 +646,13 @@ class Tokenizer:
         try:
             backend = _Backend.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise ValueError(f"cannot read {path}: {e}") from e
+            raise InvalidInputError(f"cannot read {path}: {e}") from e
         try:
             config = _read_json(directory / "tokenizer_config.json")
             special_map = _read_json(directory / "special_tokens_map.json")
             generation = _read_json(directory / "generation_config.json")
         except json.JSONDecodeError as e:
-            raise ValueError(f"malformed JSON in {directory}: {e}") from e
+            raise InvalidInputError(f"malformed JSON in {directory}: {e}") from e
 
         named = {}
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -729,7 +735,7 @@ class Tokenizer:
                 e.g. from ``raise_exception``, is in the error).
         """
         if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template")
+            raise InvalidInputError("this tokenizer has no chat template")
         checked = _check_messages(messages)
         template = _compile_template(self.chat_template)
         context = {k: v for k, v in self._tokens.items() if v is not None}
@@ -742,10 +748,10 @@ class Tokenizer:
                 **context,
             )
         except jinja2.TemplateError as e:
-            raise ValueError(f"chat template error: {e}") from e
+            raise InvalidInputError(f"chat template error: {e}") from e
         except (TypeError, ArithmeticError, LookupError, AttributeError, ValueError) as e:
             # Python errors raised by template code (e.g. "str" + None) are template errors too.
-            raise ValueError(f"chat template error: {type(e).__name__}: {e}") from e
+            raise InvalidInputError(f"chat template error: {type(e).__name__}: {e}") from e
 
     # -- saving --
 
@@ -772,12 +778,12 @@ class Tokenizer:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
-        _write_text(
+        atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
+        atomic_write_text(
             directory / "tokenizer_config.json",
             json.dumps(config, indent=2, ensure_ascii=False) + "\n",
         )
-        _write_text(
+        atomic_write_text(
             directory / "special_tokens_map.json",
             json.dumps(tokens, indent=2, ensure_ascii=False) + "\n",
         )

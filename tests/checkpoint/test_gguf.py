@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlm.checkpoint.gguf import GGUF_LLAMA_KEYS, StoredTensor, read_gguf, read_gguf_metadata
+from fusionlm.checkpoint.gguf import StoredTensor, read_gguf, read_gguf_metadata
+from fusionlm.checkpoint.keys import GGUF_LLAMA_KEYS
 from fusionlm.generation import generate
 from fusionlm.inference.quantize import WeightOnlyLinear, linear_weights_in_format, quantize
 from fusionlm.loading import assign_weights, load_model
 from fusionlm.models.llama import llama
-from tests.conftest import make_hf_llama
+from tests.helpers import make_hf_llama
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED = [

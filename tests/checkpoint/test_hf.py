@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fusionlm
-from fusionlm.checkpoint.hf import LLAMA_KEYS
-from tests.conftest import make_hf_llama
+from fusionlm.checkpoint.keys import HF_LLAMA_KEYS
+from tests.helpers import make_hf_llama
 
 
 @pytest.mark.parametrize(
@@ -21,12 +21,12 @@ def test_key_table_round_trips_every_parameter(tmp_path, overrides):
     reference = make_hf_llama(tmp_path, **overrides)
     model = fusionlm.load_model(tmp_path)
     ours = set(model.state_dict())
-    theirs = {LLAMA_KEYS.to_theirs(k) for k in ours}
+    theirs = {HF_LLAMA_KEYS.to_theirs(k) for k in ours}
     expected = set(reference.state_dict())
     if overrides.get("tie_word_embeddings"):
         expected.discard("lm_head.weight")
     assert theirs == expected
-    assert {LLAMA_KEYS.to_ours(k) for k in theirs} == ours
+    assert {HF_LLAMA_KEYS.to_ours(k) for k in theirs} == ours
 
 
 def test_sharded_directory_loads(tmp_path):

@@ -10,7 +10,7 @@ from fusionlm.inference.cpu_kernels import load_kernels
 from fusionlm.modules import masks
 from fusionlm.modules.attention import eager_attention, get_attention_backend
 
-pytestmark = pytest.mark.skipif(not load_kernels(), reason="no C++ compiler for the kernels")
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 def test_prompts_equal_eager_and_the_backend_is_registered():

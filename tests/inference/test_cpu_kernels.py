@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, load_kernels
+from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE
 from fusionlm.inference.quantize import WeightOnlyLinear
 
-pytestmark = pytest.mark.skipif(not load_kernels(), reason="no C++ compiler for the kernels")
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 ISAS = ["avx512", "avx2", "scalar"]

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS, load_kernels
+from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS
 from fusionlm.inference.decode_step import streaming_matvecs
 from fusionlm.inference.quantize import WeightOnlyLinear
 
-pytestmark = pytest.mark.skipif(not load_kernels(), reason="no C++ compiler for the kernels")
+pytestmark = pytest.mark.usefixtures("kernels")
 
 
 def traced(function, *args) -> torch.fx.GraphModule:

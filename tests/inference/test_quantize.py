@@ -20,7 +20,7 @@ from fusionlm.inference.quantize import (
     quantize,
 )
 from fusionlm.modules.decoder import TiedLinear
-from tests.modules.test_decoder import tiny
+from tests.helpers import tiny
 
 # bf16: kernels up to MATVEC_MAX_ROWS, then GEMM; int8, int4: up to QUANTIZED_KERNEL_MAX_ROWS.
 ROWS = [1, 3, MATVEC_MAX_ROWS + 1, QUANTIZED_KERNEL_MAX_ROWS + 1]

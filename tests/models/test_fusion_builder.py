@@ -16,20 +16,20 @@ from fusionlm.generation import SamplingParams, generate_tokens
 from fusionlm.models.fusion import fuse_decoder, image_inputs, vit_image_inputs
 from fusionlm.modules.fusion import DeepFusionModel, FusionLayer, get_fusion_params
 from fusionlm.modules.layers import TanhGate
-from tests.conftest import randomize_
-from tests.modules import test_fusion as fusion_test
+from tests import helpers
+from tests.helpers import randomize_
 
-VOCAB, DIM, SIZE = fusion_test.VOCAB, fusion_test.DIM, 16
-CONFIG = dataclasses.replace(fusion_test.CONFIG, num_hidden_layers=4)
-TOKENS_PER_IMAGE = fusion_test.TOKENS_PER_IMAGE
+VOCAB, DIM, SIZE = helpers.VOCAB, helpers.DIM, 16
+CONFIG = dataclasses.replace(helpers.CONFIG, num_hidden_layers=4)
+TOKENS_PER_IMAGE = helpers.TOKENS_PER_IMAGE
 
 
 def plain_decoder() -> fusionlm.TransformerDecoder:
-    return fusion_test.plain_decoder(num_hidden_layers=CONFIG.num_hidden_layers)
+    return helpers.plain_decoder(num_hidden_layers=CONFIG.num_hidden_layers)
 
 
 def encoder() -> torch.nn.Module:
-    return fusion_test.encoder(hidden_layers=())
+    return helpers.encoder(hidden_layers=())
 
 
 @pytest.fixture(scope="module")

@@ -5,31 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fusionlm
-from fusionlm import LlamaConfig, disable_kv_cache, llama
+from fusionlm import disable_kv_cache
 from fusionlm.modules import masks
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.kv_cache import KVCache
-from tests.conftest import randomize_
+from tests.helpers import tiny
 
 BACKENDS = ["eager", "sdpa", "flex"]
-
-
-def tiny(backend: str = "sdpa", **overrides) -> TransformerDecoder:
-    fields = {
-        "vocab_size": 96,
-        "hidden_size": 64,
-        "intermediate_size": 112,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "max_position_embeddings": 64,
-        **overrides,
-    }
-    model = llama(LlamaConfig(**fields), attn_backend=backend)
-    randomize_(model)
-    return model.eval()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -281,10 +263,6 @@ def test_bad_masks_and_positions_are_named():
         model(tokens, mask=torch.ones(1, 3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="input_pos must be"):
         model(tokens, input_pos=torch.zeros(1, 3, dtype=torch.long))
-
-
-def test_public_api_is_reexported():
-    assert fusionlm.load_model is not None and fusionlm.TransformerDecoder is TransformerDecoder
 
 
 def test_cache_never_attends_to_unwritten_slots():

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 
-from fusionlm import LlamaConfig, disable_kv_cache, llama
+from fusionlm import disable_kv_cache, llama
 from fusionlm.models.llama import llama_mlp
-from fusionlm.models.vision import vision_transformer
 from fusionlm.modules.attention import MultiHeadAttention
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.fusion import (
@@ -22,20 +19,9 @@ from fusionlm.modules.fusion import (
 )
 from fusionlm.modules.layers import TanhGate, TransformerCrossAttentionLayer
 from fusionlm.modules.norm import RMSNorm
-from tests.conftest import randomize_
+from tests.helpers import CONFIG, DIM, TOKENS_PER_IMAGE, VOCAB, encoder, plain_decoder, randomize_
 
-VOCAB, FUSION_VOCAB, DIM = 96, 4, 64
-TOKENS_PER_IMAGE = 17  # (16 / 4) ** 2 patches + the class token
-CONFIG = LlamaConfig(
-    vocab_size=VOCAB,
-    hidden_size=DIM,
-    intermediate_size=112,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=64,
-)
+FUSION_VOCAB = 4
 
 
 def cross_layer(
@@ -79,27 +65,6 @@ def fuse(decoder: TransformerDecoder, *, at: tuple[int, ...] = (1,)) -> Transfor
         norm=decoder.norm,
         output=decoder.output,
     )
-
-
-def encoder(*, hidden_layers: tuple[int, ...] = (0,)) -> nn.Module:
-    """A tiny ViT: 16x16 images, ``TOKENS_PER_IMAGE`` tokens of width ``DIM`` each."""
-    return vision_transformer(
-        image_size=16,
-        patch_size=4,
-        embed_dim=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        out_dim=DIM,
-        hidden_layers=hidden_layers,
-    )
-
-
-def plain_decoder(*, num_hidden_layers: int = CONFIG.num_hidden_layers) -> TransformerDecoder:
-    """A random llama of ``CONFIG``'s shape."""
-    model = llama(dataclasses.replace(CONFIG, num_hidden_layers=num_hidden_layers))
-    randomize_(model)
-    return model.eval()
 
 
 def fused_model(**flags: bool) -> DeepFusionModel:

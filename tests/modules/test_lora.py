@@ -8,13 +8,7 @@ from torch import nn
 
 import fusionlm
 from fusionlm.modules.lora import LoRALinear, apply_lora, get_adapter_params, merge_lora
-
-
-def _randomize_adapters(model: nn.Module, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in get_adapter_params(model).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+from tests.helpers import randomize_adapters
 
 
 def test_lora_linear_starts_as_the_base_and_adds_the_scaled_update():
@@ -78,7 +72,7 @@ def test_merged_weights_give_the_logits_of_base_plus_adapter(hf_llama_dir):
         rank=4,
         alpha=8,
     )
-    _randomize_adapters(model)
+    randomize_adapters(model)
     with torch.no_grad():
         with_adapter = model(tokens)
         assert (with_adapter - base).abs().max() > 0.1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusionlm
-from tests.conftest import make_hf_llama
+from tests.helpers import make_hf_llama
 
 ROPE = {
     "default": {},

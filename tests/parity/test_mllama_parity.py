@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,86 +11,12 @@ import torch
 from safetensors import safe_open
 
 import fusionlm
-from fusionlm.checkpoint.mllama import MllamaKeyTable, load_mllama_dir
+from fusionlm.checkpoint.mllama import MllamaKeyTable
+from fusionlm.loading import load_model
 from fusionlm.models.mllama import MllamaConfig, llama3_2_vision, mllama_encoder_mask
 from fusionlm.modules.attention import MultiHeadAttention
 from fusionlm.modules.fusion import DeepFusionModel, FusionLayer
-from tests.conftest import randomize_
-
-VOCAB = 96
-IMAGE = VOCAB  # the <|image|> token, the first row after the text vocabulary
-
-# Tokens per tile: (16 / 4) ** 2 + 1 = 17 and (12 / 4) ** 2 + 1 = 10, padded to 24 and 16.
-CONFIGS: dict[str, dict[str, Any]] = {
-    "gqa-2tiles": {
-        "text": {"num_hidden_layers": 5, "cross_attention_layers": [1, 3]},
-        "vision": {
-            "image_size": 16,
-            "max_num_tiles": 2,
-            "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]],
-            "intermediate_layers_indices": [0, 2],
-        },
-    },
-    "mha-llama3-3tiles": {
-        "text": {
-            "num_hidden_layers": 4,
-            "cross_attention_layers": [0, 2],
-            "num_key_value_heads": 4,
-            "rope_parameters": {
-                "rope_type": "llama3",
-                "rope_theta": 500_000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            },
-        },
-        "vision": {
-            "image_size": 12,
-            "max_num_tiles": 3,
-            "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [2, 1], [3, 1]],
-            "intermediate_layers_indices": [1],
-        },
-    },
-}
-
-
-def make_hf_mllama(directory: Path, spec: dict[str, Any]):
-    """Build, randomise and save a transformers MllamaForConditionalGeneration (fp32, eval)."""
-    import transformers
-
-    text = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 112,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        **spec["text"],
-    }
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_global_layers": 2,
-        "attention_heads": 4,
-        "patch_size": 4,
-        **spec["vision"],
-    }
-    vision["vision_output_dim"] = 32 * (1 + len(vision["intermediate_layers_indices"]))
-    config = transformers.MllamaConfig(
-        text_config=text, vision_config=vision, image_token_index=IMAGE
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.MllamaForConditionalGeneration(config)
-    randomize_(model, seed=len(directory.name))
-    model.save_pretrained(directory)
-    return model.eval()
+from tests.helpers import CONFIGS, IMAGE, VOCAB, make_hf_mllama
 
 
 @dataclasses.dataclass
@@ -161,7 +86,7 @@ def our_inputs(inputs: dict[str, torch.Tensor], config: MllamaConfig) -> dict[st
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_logits_match_transformers(checkpoint, backend):
-    model = load_mllama_dir(checkpoint.directory, attn_backend=backend)
+    model = load_model(checkpoint.directory, attn_backend=backend)
     inputs = checkpoint.inputs
     with torch.no_grad():
         actual = model(inputs["input_ids"], **our_inputs(inputs, model.config))
@@ -180,7 +105,7 @@ def test_text_only_matches_transformers(checkpoint):
 
 
 def test_incremental_decoding_equals_full_forward(checkpoint):
-    model = load_mllama_dir(checkpoint.directory)
+    model = load_model(checkpoint.directory, attn_backend="sdpa")
     ours = our_inputs(checkpoint.inputs, model.config)
     tokens, encoder_mask = checkpoint.inputs["input_ids"], ours["encoder_mask"]
     s, prefill = tokens.shape[1], 9  # the prefill holds every image token
@@ -224,7 +149,7 @@ def test_incremental_decoding_equals_full_forward(checkpoint):
 
 def test_key_table_and_layer_numbering_round_trip(checkpoint):
     directory = checkpoint.directory
-    model = load_mllama_dir(directory)
+    model = load_model(directory, attn_backend="sdpa")
     config: MllamaConfig = model.config
     table = MllamaKeyTable(config)
     ours = set(model.state_dict())
@@ -261,7 +186,7 @@ def test_unsupported_layer_layouts_are_refused(layers, cross, message):
 
 
 def test_bad_tiled_images_are_refused(checkpoint):
-    model = load_mllama_dir(checkpoint.directory)
+    model = load_model(checkpoint.directory, attn_backend="sdpa")
     inputs = checkpoint.inputs
     ours = our_inputs(inputs, model.config)
     images = inputs["pixel_values"]

@@ -11,7 +11,7 @@ import torch
 import fusionlm
 from fusionlm.checkpoint.peft import load_peft_adapter, save_peft_adapter
 from fusionlm.modules.lora import apply_lora, merge_lora
-from tests.modules.test_lora import _randomize_adapters
+from tests.helpers import randomize_adapters
 
 peft = pytest.importorskip("peft")
 ALL = ["q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"]
@@ -29,7 +29,7 @@ def test_peft_loads_our_adapter_and_merged_model_with_equal_logits(hf_llama_dir,
     directory, _ = hf_llama_dir
     model = fusionlm.load_model(directory)
     apply_lora(model, targets=ALL, rank=4, alpha=12, dropout=0.1)
-    _randomize_adapters(model)
+    randomize_adapters(model)
     model.eval()
     tokens = torch.randint(0, 96, (2, 10))
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import fusionlm.inference.attention  # noqa: F401 (registers the sdpa_cpu backend)
 from fusionlm.generation import SamplingParams, generate
 from fusionlm.serving.engine import Engine, Failed, Finished, Request, Started, Token
-from tests.modules.test_decoder import tiny
+from tests.helpers import tiny
 
 PROMPTS = [
     [5, 17, 3, 88, 41, 9, 60],

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from fusionlm.serving.local import find_server
-from tests.serving.conftest import MODEL, ServerProcess
+from tests.helpers import MODEL, ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from fusionlm.training.data import (
     select_rows,
     shard_for_eval,
 )
-from tests.training.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 
 @pytest.fixture(scope="module")

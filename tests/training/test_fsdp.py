@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.conftest import arithmetic, write_jsonl
+from tests.helpers import arithmetic, write_jsonl
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 

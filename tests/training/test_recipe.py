@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zlib
 
+import PIL.Image
 import pytest
 import torch
 
@@ -15,9 +15,9 @@ from fusionlm.checkpoint.peft import load_peft_adapter
 from fusionlm.cli import main
 from fusionlm.training import FinetuneConfig, finetune
 from fusionlm.training import state as state_module
-from fusionlm.training.recipe import _Run
+from fusionlm.training.recipe import _Run, lr_factor
 from fusionlm.training.state import latest_checkpoint
-from tests.training.conftest import arithmetic, make_tiny_model_dir, write_jsonl
+from tests.helpers import arithmetic, make_tiny_model_dir, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,6 @@ def _config(tiny_dir, data, out, **overrides) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
-def _png_size(path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
-    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
-    return width, height
-
-
 def test_lora_run_writes_metrics_curve_adapter_and_merged_model(tiny_dir, data, tmp_path):
     config = _config(
         tiny_dir,
@@ -75,7 +66,8 @@ def test_lora_run_writes_metrics_curve_adapter_and_merged_model(tiny_dir, data, 
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6, 8]
     assert all(r["tokens_per_s"] > 0 and r["trained_tokens"] > 0 for r in records if "loss" in r)
     assert result.val_perplexity == pytest.approx(torch.tensor(result.val_loss).exp().item())
-    assert _png_size(result.plot_path) == (640, 400)
+    with PIL.Image.open(result.plot_path) as picture:
+        assert (picture.format, picture.size) == ("PNG", (1280, 800))
 
     tokens = torch.randint(0, 256, (1, 20))
     merged = fusionlm.load_model(result.model_dir)
@@ -86,7 +78,7 @@ def test_lora_run_writes_metrics_curve_adapter_and_merged_model(tiny_dir, data, 
         torch.testing.assert_close(merged(tokens), expected, atol=1e-4, rtol=1e-4)
         assert (fusionlm.load_model(tiny_dir)(tokens) - expected).abs().max() > 1e-3
     assert fusionlm.load_tokenizer(result.model_dir).chat_template is not None
-    with pytest.raises(ValueError, match=r"already holds a run \(metrics.jsonl\)"):
+    with pytest.raises(ValueError, match=r"already holds a run \(model\)"):
         finetune(config)
 
 
@@ -120,6 +112,42 @@ def test_resume_repeats_the_uninterrupted_run_step_for_step(tiny_dir, data, tmp_
         for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("resume", [False, True])  # a rerun, or a resume with nothing to resume
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_again_in_place(
+    tiny_dir, data, tmp_path, capsys, resume
+):
+    out = tmp_path / "o"
+    with pytest.raises(Stop):
+        finetune(_config(tiny_dir, data, out, save_every=3), on_step=_stop_at(2))
+    assert latest_checkpoint(out) is None and (out / "metrics.jsonl").is_file()
+    again = finetune(_config(tiny_dir, data, out, max_steps=2, resume=resume))
+    assert again.first_step == 1
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert [record["step"] for record in _metrics(out)] == [1, 2]
+
+
+def test_an_extended_run_goes_on_along_its_longer_schedule(tiny_dir, data, tmp_path):
+    """Six steps, then resume=true max_steps=9: every step's learning rate is that step's on
+    the schedule of its run (steps 7-9: a fresh 9-step run's, not the 6-step one's end)."""
+    config = _config(tiny_dir, data, tmp_path / "o", save_every=3)
+    finetune(config)
+    finetune(_config(tiny_dir, data, tmp_path / "o", save_every=3, max_steps=9, resume=True))
+
+    def schedule(total: int) -> list[float]:
+        return [
+            config.learning_rate
+            * lr_factor(step, warmup_steps=2, total_steps=total, min_ratio=config.min_lr_ratio)
+            for step in range(total)
+        ]
+
+    lrs = [record["lr"] for record in _metrics(tmp_path / "o")]
+    assert lrs == pytest.approx(schedule(6) + schedule(9)[6:], rel=1e-12)
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tiny_dir, data, tmp_path, monkeypatch):

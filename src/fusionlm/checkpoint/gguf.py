@@ -33,11 +33,11 @@ from gguf import (
 from torch import Tensor
 
 from fusionlm.checkpoint.ggml_quants import DEQUANTIZERS
-from fusionlm.checkpoint.keys import KeyTable
+from fusionlm.checkpoint.keys import GGUF_LLAMA_KEYS
+from fusionlm.errors import InvalidInputError
 from fusionlm.models.llama import LlamaConfig
 
 __all__ = [
-    "GGUF_LLAMA_KEYS",
     "GGUFCheckpoint",
     "StoredTensor",
     "read_gguf",
@@ -47,32 +47,6 @@ __all__ = [
 
 Q = GGMLQuantizationType
 
-
-def _llama_pairs() -> list[tuple[str, str]]:
-    pairs = [
-        ("tok_embeddings.weight", "token_embd.weight"),
-        ("norm.weight", "output_norm.weight"),
-        ("output.weight", "output.weight"),
-        ("layers.{n}.sa_norm.weight", "blk.{n}.attn_norm.weight"),
-        ("layers.{n}.mlp_norm.weight", "blk.{n}.ffn_norm.weight"),
-    ]
-    linears = {
-        "attn.q_proj": "attn_q",
-        "attn.k_proj": "attn_k",
-        "attn.v_proj": "attn_v",
-        "attn.output_proj": "attn_output",
-        "mlp.w1": "ffn_gate",
-        "mlp.w2": "ffn_down",
-        "mlp.w3": "ffn_up",
-    }
-    for ours, theirs in linears.items():
-        for param in ("weight", "bias"):
-            pairs.append((f"layers.{{n}}.{ours}.{param}", f"blk.{{n}}.{theirs}.{param}"))
-    return pairs
-
-
-GGUF_LLAMA_KEYS = KeyTable(_llama_pairs())
-"""Our parameter names <-> llama.cpp's (``convert_hf_to_gguf.py`` naming for ``llama``)."""
 
 # llama.cpp's Llama-3 RoPE scaling: per-frequency divisors, not a learned weight.
 _ROPE_FREQS = "rope_freqs.weight"
@@ -147,7 +121,7 @@ def read_gguf(
             does not have (listed).
     """
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating type, got {dtype}")
+        raise InvalidInputError(f"dtype must be a floating type, got {dtype}")
     header = _header(path)
     with _mapped(path) as buf:
         tensors = {t.name: t for t in header.tensors}
@@ -232,7 +206,7 @@ def _mapped(path: Path) -> Iterator[mmap.mmap]:
 
 
 def _corrupt(path: Path, why: str) -> ValueError:
-    return ValueError(f"{path} is not a valid GGUF file (truncated or corrupt?): {why}")
+    return InvalidInputError(f"{path} is not a valid GGUF file (truncated or corrupt?): {why}")
 
 
 _SCALARS: dict[GGUFValueType, str] = {
@@ -267,14 +241,14 @@ class _Parser:
 
     def _header(self, *, with_tensors: bool) -> _Header:
         if len(self.buf) < 24:
-            raise ValueError(f"only {len(self.buf)} bytes, shorter than a GGUF header")
+            raise InvalidInputError(f"only {len(self.buf)} bytes, shorter than a GGUF header")
         if self._scalar("<I") != GGUF_MAGIC:
-            raise ValueError("bad magic (a GGUF file starts with b'GGUF')")
+            raise InvalidInputError("bad magic (a GGUF file starts with b'GGUF')")
         version = self._scalar("<I")
         if version not in (2, 3):
             swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
             why = "big-endian files are not supported" if swapped in (2, 3) else ""
-            raise ValueError(f"unsupported GGUF version {version} {why}".strip())
+            raise InvalidInputError(f"unsupported GGUF version {version} {why}".strip())
         n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
         metadata = {}
         for _ in range(n_kv):
@@ -285,13 +259,13 @@ class _Parser:
         raw = [self._tensor_info() for _ in range(n_tensors)]
         alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0:
-            raise ValueError(f"general.alignment is {alignment!r}")
+            raise InvalidInputError(f"general.alignment is {alignment!r}")
         data_start = -(-self.pos // alignment) * alignment
         tensors = []
         for name, shape, qtype, offset in raw:
             info = _TensorInfo(name, shape, qtype, data_start + offset, _nbytes(shape, qtype))
             if info.offset + info.nbytes > len(self.buf):
-                raise ValueError(
+                raise InvalidInputError(
                     f"tensor {name!r} ends at byte {info.offset + info.nbytes} "
                     f"but the file has {len(self.buf)}"
                 )
@@ -302,7 +276,7 @@ class _Parser:
         name = self._string()
         n_dims = self._scalar("<I")
         if n_dims > 4:
-            raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 4)")
+            raise InvalidInputError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 4)")
         dims = [self._scalar("<Q") for _ in range(n_dims)]
         type_id = self._scalar("<I")
         qtype = Q(type_id) if type_id in Q._value2member_map_ else type_id
@@ -316,7 +290,7 @@ class _Parser:
     def _string(self) -> str:
         n = self._scalar("<Q")
         if self.pos + n > len(self.buf):
-            raise ValueError(f"a string of {n} bytes runs past the end of the file")
+            raise InvalidInputError(f"a string of {n} bytes runs past the end of the file")
         text = self.buf[self.pos : self.pos + n].decode("utf-8")
         self.pos += n
         return text
@@ -338,7 +312,7 @@ class _Parser:
         if item_type in _ARRAY_DTYPES:
             dtype = _ARRAY_DTYPES[item_type]
             if self.pos + n * dtype.itemsize > len(self.buf):
-                raise ValueError(f"an array of {n} items runs past the end of the file")
+                raise InvalidInputError(f"an array of {n} items runs past the end of the file")
             values = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).tolist()
             self.pos += n * dtype.itemsize
             return values
@@ -354,7 +328,7 @@ class _Parser:
             (size,) = length(buf, pos)
             pos += 8
             if pos + size > end:
-                raise ValueError(f"a string of {size} bytes runs past the end of the file")
+                raise InvalidInputError(f"a string of {size} bytes runs past the end of the file")
             append(buf[pos : pos + size].decode("utf-8"))
             pos += size
         self.pos = pos
@@ -367,7 +341,7 @@ def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType | int) -> int:
     block, size = GGML_QUANT_SIZES[qtype]
     numel = math.prod(shape)
     if shape and shape[-1] % block:
-        raise ValueError(f"a row of {shape[-1]} is not a multiple of the {qtype.name} block")
+        raise InvalidInputError(f"a row of {shape[-1]} is not a multiple of the {qtype.name} block")
     return numel // block * size
 
 
@@ -379,11 +353,11 @@ def _config(
 ) -> LlamaConfig:
     arch = _require(metadata, "general.architecture", path)
     if arch != "llama":
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: unsupported general.architecture {arch!r}; fusionlm reads 'llama' GGUF files"
         )
     if metadata.get("llama.expert_count", 0):
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: a mixture-of-experts llama (llama.expert_count="
             f"{metadata['llama.expert_count']}) is not supported"
         )
@@ -393,19 +367,33 @@ def _config(
             return _require(metadata, f"llama.{key}", path)
         return metadata.get(f"llama.{key}", default)
 
-    hidden = get("embedding_length")
+    def count(key: str, value: Any) -> int:
+        """``value`` of ``llama.{key}``, which must be a positive integer."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(f"{path}: llama.{key} is {value!r}, not a positive integer")
+        return value
+
+    def number(key: str, default: Any = None) -> float:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInputError(f"{path}: llama.{key} is {value!r}, not a number")
+        return float(value)
+
+    hidden = count("embedding_length", get("embedding_length"))
     heads = get("attention.head_count")
     kv_heads = _same_per_layer(get("attention.head_count_kv", heads), "head_count_kv", path)
-    heads = _same_per_layer(heads, "head_count", path)
+    kv_heads = count("attention.head_count_kv", kv_heads)
+    heads = count("attention.head_count", _same_per_layer(heads, "head_count", path))
     head_dim = metadata.get("llama.attention.key_length") or metadata.get(
         "llama.rope.dimension_count", hidden // heads
     )
+    head_dim = count("attention.key_length", head_dim)
     if "llama.vocab_size" in metadata:
-        vocab_size = metadata["llama.vocab_size"]
-    elif "tokenizer.ggml.tokens" in metadata:
+        vocab_size = count("vocab_size", metadata["llama.vocab_size"])
+    elif isinstance(metadata.get("tokenizer.ggml.tokens"), list):
         vocab_size = len(metadata["tokenizer.ggml.tokens"])
     else:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'; "
             "cannot tell the vocabulary size"
         )
@@ -413,14 +401,14 @@ def _config(
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=get("feed_forward_length"),
-        num_hidden_layers=get("block_count"),
+        intermediate_size=count("feed_forward_length", get("feed_forward_length")),
+        num_hidden_layers=count("block_count", get("block_count")),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=get("context_length"),
-        rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
-        rope_theta=float(get("rope.freq_base", 10_000.0)),
+        max_position_embeddings=count("context_length", get("context_length")),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon"),
+        rope_theta=number("rope.freq_base", 10_000.0),
         rope_type=rope_type,
         rope_params=rope_params,
         tie_word_embeddings="output.weight" not in tensors,
@@ -434,7 +422,7 @@ def _config(
 
 def _require(metadata: Mapping[str, Any], key: str, path: Path) -> Any:
     if key not in metadata:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: required metadata key {key!r} is missing; the file was not written by a "
             "llama converter, or is damaged"
         )
@@ -445,7 +433,9 @@ def _same_per_layer(value: int | list[int], key: str, path: Path) -> int:
     # Newer converters may store a per-layer list; a Llama has the same count in every layer.
     if isinstance(value, list):
         if len(set(value)) != 1:
-            raise ValueError(f"{path}: per-layer llama.attention.{key} {value} is not supported")
+            raise InvalidInputError(
+                f"{path}: per-layer llama.attention.{key} {value} is not supported"
+            )
         return value[0]
     return value
 
@@ -465,7 +455,7 @@ def _rope_scaling(
         kind, factor = "linear", metadata["llama.rope.scale_linear"]  # pre-2024 files
     if _ROPE_FREQS in tensors:
         if kind != "none":
-            raise ValueError(f"{path}: rope_freqs.weight together with {kind} scaling")
+            raise InvalidInputError(f"{path}: rope_freqs.weight together with {kind} scaling")
         _check_types([tensors[_ROPE_FREQS]], path=path)
         (factors,) = _read_tensor(
             buf,
@@ -484,7 +474,7 @@ def _rope_scaling(
         for key in ("attn_factor", "yarn_log_multiplier"):
             value = metadata.get(f"llama.rope.scaling.{key}")
             if value not in (None, 0.0, 1.0):
-                raise ValueError(
+                raise InvalidInputError(
                     f"{path}: yarn with llama.rope.scaling.{key}={value} is unsupported"
                 )
         params: dict[str, Any] = {"factor": _scaling_factor(factor, kind, path)}
@@ -495,14 +485,14 @@ def _rope_scaling(
             if f"llama.rope.scaling.{theirs}" in metadata:
                 params[ours] = metadata[f"llama.rope.scaling.{theirs}"]
         return "yarn", params
-    raise ValueError(
+    raise InvalidInputError(
         f"{path}: unsupported llama.rope.scaling.type {kind!r}; supported: none, linear, yarn"
     )
 
 
 def _scaling_factor(factor: float | None, kind: str, path: Path) -> float:
     if factor is None:
-        raise ValueError(f"{path}: {kind} RoPE scaling without 'llama.rope.scaling.factor'")
+        raise InvalidInputError(f"{path}: {kind} RoPE scaling without 'llama.rope.scaling.factor'")
     return float(factor)
 
 
@@ -519,14 +509,14 @@ def _llama3_rope(
         ValueError: the divisors do not follow the llama3 formula (then we cannot map them).
     """
     if factors.shape != (head_dim // 2,):
-        raise ValueError(f"{path}: rope_freqs.weight has shape {tuple(factors.shape)}")
+        raise InvalidInputError(f"{path}: rope_freqs.weight has shape {tuple(factors.shape)}")
     if torch.all(factors == 1):
         return "default", {}
     factor = float(factors.max())
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     inv_wavelen = freqs / (2 * math.pi)
     band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
-    unsupported = ValueError(
+    unsupported = InvalidInputError(
         f"{path}: rope_freqs.weight does not follow llama3 RoPE scaling with recoverable "
         "parameters; this per-frequency scaling is unsupported"
     )
@@ -572,7 +562,7 @@ def _check_names(tensors: Mapping[str, _TensorInfo], *, path: Path) -> None:
         name for name in tensors if name != _ROPE_FREQS and GGUF_LLAMA_KEYS.to_ours(name) is None
     )
     if unknown:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: tensors a llama does not have: {unknown[:10]}"
             f"{' ...' if len(unknown) > 10 else ''}"
         )
@@ -581,7 +571,7 @@ def _check_names(tensors: Mapping[str, _TensorInfo], *, path: Path) -> None:
 def _check_types(tensors: Iterable[_TensorInfo], *, path: Path) -> None:
     for info in tensors:
         if info.qtype not in DEQUANTIZERS:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{path}: tensor {info.name!r} has type {_type_name(info.qtype)}, which fusionlm cannot "
                 f"dequantize; supported: {[t.name for t in DEQUANTIZERS]}. Re-quantize the model "
                 "to one of these (e.g. Q4_K_M or Q8_0 with llama-quantize)"
@@ -675,14 +665,18 @@ def _read_tensor(
     raw bytes (cheaper than moving floats): it stored row (h, i, p) where transformers has
     (h, p, i).
     """
+    if 0 in info.shape:
+        raise InvalidInputError(f"tensor {info.name!r} has an empty dimension: {info.shape}")
     rows = math.prod(info.shape[:-1])
-    if info.nbytes == 0:
-        raw = torch.empty(rows, 0, dtype=torch.uint8)
-    else:
-        raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        raw = raw.view(rows, -1)
+    raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+    raw = raw.view(rows, -1)
     heads = None if config is None else _permuted_heads(ours, config)
     if heads is not None:
+        if len(info.shape) != 2 or rows != heads * config.head_dim:
+            raise InvalidInputError(
+                f"tensor {info.name!r} has shape {info.shape}; the file's config needs "
+                f"{heads} heads of {config.head_dim} rows"
+            )
         raw = raw.view(heads, -1, 2, raw.shape[-1]).transpose(1, 2).reshape(rows, -1)
     converted = convert(ours, StoredTensor(qtype=info.qtype, shape=info.shape, blocks=raw))
     _release_pages(buf, info)

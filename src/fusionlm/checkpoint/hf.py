@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,39 +13,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from fusionlm.checkpoint.keys import KeyTable
+from fusionlm.errors import InvalidInputError
+from fusionlm.files import atomic_write, atomic_write_text, read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-
-def _llama_pairs() -> list[tuple[str, str]]:
-    layer = "layers.{n}."
-    hf_layer = "model.layers.{n}."
-    pairs = [
-        ("tok_embeddings.weight", "model.embed_tokens.weight"),
-        ("norm.weight", "model.norm.weight"),
-    ]
-    pairs += [("output.weight", "lm_head.weight")]
-    pairs += [
-        (layer + "sa_norm.weight", hf_layer + "input_layernorm.weight"),
-        (layer + "mlp_norm.weight", hf_layer + "post_attention_layernorm.weight"),
-    ]
-    linears = {
-        "attn.q_proj": "self_attn.q_proj",
-        "attn.k_proj": "self_attn.k_proj",
-        "attn.v_proj": "self_attn.v_proj",
-        "attn.output_proj": "self_attn.o_proj",
-        "mlp.w1": "mlp.gate_proj",
-        "mlp.w2": "mlp.down_proj",
-        "mlp.w3": "mlp.up_proj",
-    }
-    for ours, theirs in linears.items():
-        for param in ("weight", "bias"):
-            pairs.append((f"{layer}{ours}.{param}", f"{hf_layer}{theirs}.{param}"))
-    return pairs
-
-
-LLAMA_KEYS = KeyTable(_llama_pairs())
 
 # Keys some checkpoints carry that hold no weights (recomputed buffers).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -65,13 +36,7 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{directory} has no config.json; is it a transformers model directory?"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 def read_safetensors(directory: Path, *, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -91,7 +56,9 @@ def read_safetensors(directory: Path, *, dtype: torch.dtype) -> dict[str, Tensor
                     tensor = f.get_tensor(key)
                     tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read {file}: {e}; the file is truncated or corrupt") from None
+            raise InvalidInputError(
+                f"cannot read {file}: {e}; the file is truncated or corrupt"
+            ) from None
     return tensors
 
 
@@ -103,7 +70,7 @@ def _weight_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e!r}") from None
+            raise InvalidInputError(f"{index} is not a valid safetensors index: {e!r}") from None
         shards = [directory / name for name in sorted(set(weight_map.values()))]
         missing = [str(s.name) for s in shards if not s.is_file()]
         if missing:
@@ -129,7 +96,7 @@ def hf_to_ours(tensors: Mapping[str, Tensor], *, table: KeyTable, tied: bool) ->
     kept = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
     state_dict, unknown = table.rename_to_ours(kept)
     if unknown:
-        raise ValueError(
+        raise InvalidInputError(
             f"checkpoint has tensors this architecture does not use: {sorted(unknown)[:10]}"
         )
     if tied:
@@ -153,7 +120,7 @@ def write_hf_dir(
     """
     directory.mkdir(parents=True, exist_ok=True)
     theirs = {k: v.detach().contiguous() for k, v in table.rename_to_theirs(state_dict).items()}
-    _atomic_write(
+    atomic_write(
         directory / SINGLE_FILE, lambda tmp: save_file(theirs, tmp, metadata={"format": "pt"})
     )
     files = {
@@ -161,15 +128,4 @@ def write_hf_dir(
         **(extra_files or {}),
     }
     for name, text in files.items():
-        _atomic_write(directory / name, lambda tmp, text=text: Path(tmp).write_text(text))
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_text(directory / name, text)

@@ -60,3 +60,46 @@ def _rename(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
         if match:
             return target.replace("{n}", match.group("n")) if "{n}" in target else target
     return None
+
+
+# Each Llama tensor by name: ours, transformers', llama.cpp's (GGUF's); {n} is the layer.
+_LLAMA_LINEARS = (
+    ("attn.q_proj", "self_attn.q_proj", "attn_q"),
+    ("attn.k_proj", "self_attn.k_proj", "attn_k"),
+    ("attn.v_proj", "self_attn.v_proj", "attn_v"),
+    ("attn.output_proj", "self_attn.o_proj", "attn_output"),
+    ("mlp.w1", "mlp.gate_proj", "ffn_gate"),
+    ("mlp.w2", "mlp.down_proj", "ffn_down"),
+    ("mlp.w3", "mlp.up_proj", "ffn_up"),
+)
+_LLAMA_TENSORS = [
+    ("tok_embeddings.weight", "model.embed_tokens.weight", "token_embd.weight"),
+    ("norm.weight", "model.norm.weight", "output_norm.weight"),
+    ("output.weight", "lm_head.weight", "output.weight"),
+    (
+        "layers.{n}.sa_norm.weight",
+        "model.layers.{n}.input_layernorm.weight",
+        "blk.{n}.attn_norm.weight",
+    ),
+    (
+        "layers.{n}.mlp_norm.weight",
+        "model.layers.{n}.post_attention_layernorm.weight",
+        "blk.{n}.ffn_norm.weight",
+    ),
+    *(
+        (
+            f"layers.{{n}}.{ours}.{param}",
+            f"model.layers.{{n}}.{hf}.{param}",
+            f"blk.{{n}}.{gguf}.{param}",
+        )
+        for ours, hf, gguf in _LLAMA_LINEARS
+        for param in ("weight", "bias")
+    ),
+]
+HF_LLAMA_KEYS = KeyTable([(ours, hf) for ours, hf, _ in _LLAMA_TENSORS])
+"""Our parameter names <-> transformers' ``LlamaForCausalLM``'s."""
+GGUF_LLAMA_KEYS = KeyTable([(ours, gguf) for ours, _, gguf in _LLAMA_TENSORS])
+"""Our parameter names <-> llama.cpp's (``convert_hf_to_gguf.py`` naming for ``llama``)."""
+
+
+__all__ = ["GGUF_LLAMA_KEYS", "HF_LLAMA_KEYS", "KeyTable"]

@@ -8,7 +8,6 @@ stack and our fused one by ``MllamaConfig.from_hf_layer``/``to_hf_layer``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fusionlm.checkpoint.hf import LLAMA_KEYS, hf_to_ours, read_config, read_safetensors
-from fusionlm.checkpoint.keys import KeyTable
-from fusionlm.models.mllama import MllamaConfig, llama3_2_vision
-from fusionlm.modules.fusion import DeepFusionModel
+from fusionlm.checkpoint.hf import hf_to_ours, read_config, read_safetensors
+from fusionlm.checkpoint.keys import HF_LLAMA_KEYS, KeyTable
+from fusionlm.files import read_json_object
+from fusionlm.models.mllama import MllamaConfig
 
 _LAYER = "layers.{n}."
 
@@ -27,7 +26,7 @@ _LAYER = "layers.{n}."
 SELF_LAYER_KEYS = KeyTable(
     [
         (ours.removeprefix(_LAYER), theirs.removeprefix("model." + _LAYER))
-        for ours, theirs in LLAMA_KEYS.pairs
+        for ours, theirs in HF_LLAMA_KEYS.pairs
         if ours.startswith(_LAYER)
     ]
 )
@@ -174,49 +173,41 @@ def mllama_to_ours(tensors: Mapping[str, Tensor], config: MllamaConfig) -> dict[
 def _read_preprocessor_config(directory: Path) -> dict | None:
     """``preprocessor_config.json`` (image normalisation), or None if the directory has none."""
     path = directory / "preprocessor_config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON in {path}: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return config
+    return read_json_object(path) if path.is_file() else None
 
 
-def load_mllama_dir(
-    directory: Path,
-    *,
-    dtype: torch.dtype = torch.float32,
-    attn_backend: str = "sdpa",
-    max_seq_len: int | None = None,
-) -> DeepFusionModel:
-    """Load a transformers Mllama directory (``config.json`` + safetensors) in eval mode.
+def read_mllama_config(directory: Path) -> MllamaConfig:
+    """The architecture of a transformers Mllama directory: ``config.json``, and the image
+    normalisation of ``preprocessor_config.json`` if it has one.
+
+    Raises:
+        FileNotFoundError: no config.json.
+        ValueError: an unsupported or malformed config.
+    """
+    return MllamaConfig.from_hf(
+        read_config(directory), preprocessor=_read_preprocessor_config(directory)
+    )
+
+
+def read_mllama_dir(
+    directory: Path, *, dtype: torch.dtype = torch.float32
+) -> tuple[MllamaConfig, dict[str, Tensor]]:
+    """A transformers Mllama directory's config and its weights under our names.
 
     Raises:
         FileNotFoundError: missing files.
-        ValueError: an unsupported config, or weights that do not fit it.
+        ValueError: an unsupported config.
     """
-    # loading.py dispatches to this module, so importing it at the top would be circular.
-    from fusionlm.loading import assign_weights
-
-    config = MllamaConfig.from_hf(
-        read_config(directory), preprocessor=_read_preprocessor_config(directory)
-    )
-    state_dict = mllama_to_ours(read_safetensors(directory, dtype=dtype), config)
-    model = llama3_2_vision(
-        config, attn_backend=attn_backend, max_seq_len=max_seq_len, init_weights=False
-    )
-    assign_weights(model, state_dict, source=str(directory))
-    return model.eval()
+    config = read_mllama_config(directory)
+    return config, mllama_to_ours(read_safetensors(directory, dtype=dtype), config)
 
 
 __all__ = [
     "CROSS_LAYER_KEYS",
     "SELF_LAYER_KEYS",
     "MllamaKeyTable",
-    "load_mllama_dir",
     "mllama_to_ours",
+    "read_mllama_config",
+    "read_mllama_dir",
     "split_fusion_embedding",
 ]

@@ -1,6 +1,6 @@
 """LoRA adapters in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys are transformers' names (through ``LLAMA_KEYS``) under PEFT's prefix, e.g.
+Keys are transformers' names (through ``HF_LLAMA_KEYS``) under PEFT's prefix, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, so
 ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads what we save and
 ``load_peft_adapter`` loads what PEFT saves (LoRA on Llama projections, no bias training).
@@ -18,7 +18,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fusionlm.checkpoint.hf import LLAMA_KEYS, _atomic_write
+from fusionlm.checkpoint.keys import HF_LLAMA_KEYS
+from fusionlm.errors import InvalidInputError
+from fusionlm.files import atomic_write, atomic_write_text, read_json_object
 from fusionlm.modules.lora import LoRALinear, apply_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,16 +57,16 @@ def save_peft_adapter(
     """
     adapters = _adapters(model)
     if not adapters:
-        raise ValueError("the model has no LoRA adapters to save; apply_lora() first")
+        raise InvalidInputError("the model has no LoRA adapters to save; apply_lora() first")
     settings = {(m.rank, m.alpha, m.dropout_p) for m in adapters.values()}
     if len(settings) > 1:
-        raise ValueError(f"adapters differ in (rank, alpha, dropout): {sorted(settings)}")
+        raise InvalidInputError(f"adapters differ in (rank, alpha, dropout): {sorted(settings)}")
     rank, alpha, dropout = settings.pop()
     tensors: dict[str, Tensor] = {}
     for name, module in adapters.items():
-        theirs = LLAMA_KEYS.to_theirs(f"{name}.weight")
+        theirs = HF_LLAMA_KEYS.to_theirs(f"{name}.weight")
         if theirs is None:
-            raise ValueError(f"no transformers name for the adapted projection {name!r}")
+            raise InvalidInputError(f"no transformers name for the adapted projection {name!r}")
         stem = theirs.removesuffix(".weight")
         tensors[f"{_PREFIX}{stem}.lora_A.weight"] = module.lora_a.weight.detach().contiguous()
         tensors[f"{_PREFIX}{stem}.lora_B.weight"] = module.lora_b.weight.detach().contiguous()
@@ -91,11 +93,12 @@ def save_peft_adapter(
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.to("cpu") for k, v in tensors.items()}
-    _atomic_write(
+    atomic_write(
         directory / ADAPTER_WEIGHTS, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"})
     )
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(
+        directory / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n"
+    )
     return directory
 
 
@@ -115,12 +118,9 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> li
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{directory} has no {path.name}; is it a PEFT adapter?")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    config = read_json_object(config_path)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+        raise InvalidInputError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
     unsupported = [
         key
         for key in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
@@ -129,10 +129,10 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> li
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
     if unsupported:
-        raise ValueError(f"{config_path}: unsupported LoRA options {unsupported}")
+        raise InvalidInputError(f"{config_path}: unsupported LoRA options {unsupported}")
     targets = config.get("target_modules") or []
     if isinstance(targets, str) or any(t not in _OUR_TARGETS for t in targets):
-        raise ValueError(
+        raise InvalidInputError(
             f"{config_path}: target_modules {targets!r} must be a list of {sorted(_OUR_TARGETS)}"
         )
     wrapped = apply_lora(
@@ -146,11 +146,11 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> li
         with safe_open(weights_path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {weights_path}: {e}") from None
+        raise InvalidInputError(f"cannot read {weights_path}: {e}") from None
     adapters = _adapters(model)
     expected = set()
     for name, module in adapters.items():
-        stem = _PREFIX + LLAMA_KEYS.to_theirs(f"{name}.weight").removesuffix(".weight")
+        stem = _PREFIX + HF_LLAMA_KEYS.to_theirs(f"{name}.weight").removesuffix(".weight")
         for ours, theirs in ((module.lora_a, "lora_A"), (module.lora_b, "lora_B")):
             # PEFT may keep the adapter name in the key ("lora_A.default.weight").
             key = next(
@@ -163,7 +163,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> li
             )
             if key is None or tensors[key].shape != ours.weight.shape:
                 found = None if key is None else tuple(tensors[key].shape)
-                raise ValueError(
+                raise InvalidInputError(
                     f"{weights_path}: {stem}.{theirs}.weight missing or of shape {found}, "
                     f"expected {tuple(ours.weight.shape)}"
                 )
@@ -172,7 +172,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> li
                 ours.weight.copy_(tensors[key])
     extra = sorted(set(tensors) - expected)
     if extra:
-        raise ValueError(f"{weights_path}: tensors the model has no place for: {extra[:5]}")
+        raise InvalidInputError(f"{weights_path}: tensors the model has no place for: {extra[:5]}")
     return wrapped
 
 

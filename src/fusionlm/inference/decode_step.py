@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionlm.cache import cache_root, cpu_fingerprint
+from fusionlm.errors import InvalidInputError
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS, load_kernels
 from fusionlm.inference.threads import ThreadPlanner
 from fusionlm.modules.decoder import TransformerDecoder
@@ -181,7 +182,7 @@ def compile_decode_step(
             f"only a TransformerDecoder's decode step can be compiled, not {type(model).__name__}"
         )
     if not 1 <= cache_len <= model.max_seq_len:
-        raise ValueError(f"cache_len must be in [1, {model.max_seq_len}], got {cache_len}")
+        raise InvalidInputError(f"cache_len must be in [1, {model.max_seq_len}], got {cache_len}")
     key, path = _locate(model, batch_size=batch_size, cache_len=cache_len, directory=directory)
     _build_unless_stored(model, key=key, path=path, batch_size=batch_size, cache_len=cache_len)
     return path

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, MATVEC_MAX_ROWS, load_kernels
 from fusionlm.inference.weight_formats import WEIGHT_FORMATS
 from fusionlm.modules.decoder import TiedLinear
@@ -31,7 +32,7 @@ over more rows than the kernels take, to a few MB."""
 
 def _check_group_width(in_features: int, format: str) -> None:
     if in_features % GROUP_SIZE:
-        raise ValueError(
+        raise InvalidInputError(
             f"{format} weights need in_features divisible by {GROUP_SIZE}, got {in_features}; "
             "use bf16 for this model"
         )
@@ -91,7 +92,7 @@ class WeightOnlyLinear(nn.Module):
         super().__init__()
         dtypes = (torch.bfloat16, torch.int8, torch.uint8)
         if weight.dim() != 2 or weight.dtype not in dtypes:
-            raise ValueError(
+            raise InvalidInputError(
                 "weight must be bf16 or int8 [out, in], or uint8 [out, in / 2] (int4), got "
                 f"{weight.dtype} {tuple(weight.shape)}"
             )
@@ -100,12 +101,12 @@ class WeightOnlyLinear(nn.Module):
             in_features *= 2
         if weight.dtype == torch.bfloat16:
             if scale is not None or offset is not None:
-                raise ValueError("bf16 weights take no scale or offset")
+                raise InvalidInputError("bf16 weights take no scale or offset")
         else:
             format = "int8" if weight.dtype == torch.int8 else "int4"
             _check_group_width(in_features, format)
             if format == "int8" and offset is not None:
-                raise ValueError("int8 weights take no offset")
+                raise InvalidInputError("int8 weights take no offset")
             expected = (out_features, in_features // GROUP_SIZE)
             needed = (
                 {"a scale": scale, "an offset": offset} if format == "int4" else {"a scale": scale}
@@ -113,7 +114,7 @@ class WeightOnlyLinear(nn.Module):
             for name, tensor in needed.items():
                 if tensor is None or tuple(tensor.shape) != expected:
                     got = None if tensor is None else tuple(tensor.shape)
-                    raise ValueError(
+                    raise InvalidInputError(
                         f"{format} weights need {name} of shape {list(expected)}, got {got}"
                     )
             scale = scale.float().contiguous()
@@ -241,7 +242,7 @@ def weight_in_format(weight: Tensor, *, format: str) -> dict[str, Tensor]:
         ValueError: an unknown ``format``; int8 or int4 with ``in`` not a multiple of 32.
     """
     if format not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
+        raise InvalidInputError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
     w = weight.detach()
     if format == "bf16":
         return {"weight": w.bfloat16()}
@@ -311,7 +312,7 @@ def quantize(model: nn.Module, format: str) -> nn.Module:
             multiple of 32.
     """
     if format not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
+        raise InvalidInputError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
     return _replace_weights(
         model,
         lambda name, weight, bias: WeightOnlyLinear.from_float(weight, bias, format=format),

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.images import ImageLike, to_tensor
 from fusionlm.models.cross_attention import gated_cross_attention_layer
 from fusionlm.models.mllama import MllamaConfig, mllama_image_inputs
@@ -97,9 +98,11 @@ def fuse_decoder(
     """
     layers = list(decoder.layers)
     if not 1 <= every_n_layers <= len(layers):
-        raise ValueError(f"every_n_layers must be in [1, {len(layers)}], got {every_n_layers}")
+        raise InvalidInputError(
+            f"every_n_layers must be in [1, {len(layers)}], got {every_n_layers}"
+        )
     if any(isinstance(layer, FusionLayer) for layer in layers):
-        raise ValueError("this decoder already has fusion layers")
+        raise InvalidInputError("this decoder already has fusion layers")
     d = decoder.tok_embeddings.embedding_dim
     attn = layers[0].attn
     reference = decoder.tok_embeddings.weight
@@ -157,7 +160,9 @@ def vit_image_inputs(
         return None
     shapes = sorted({tuple(t.shape) for row in tensors for t in row})
     if len(shapes) > 1:
-        raise ValueError(f"the images of a batch must share one shape [c, h, w], got {shapes}")
+        raise InvalidInputError(
+            f"the images of a batch must share one shape [c, h, w], got {shapes}"
+        )
     b, longest = len(prompts), max(len(prompt) for prompt in prompts)
     pixels = torch.zeros(b, n_images, *shapes[0])
     mask = torch.zeros(b, longest, n_images, tokens_per_image, dtype=torch.bool)
@@ -194,26 +199,25 @@ def image_inputs(
             the model-specific errors above.
     """
     if len(images) != len(prompts) or not all(isinstance(row, list | tuple) for row in images):
-        raise ValueError(
+        raise InvalidInputError(
             f"images must hold one list of images per prompt ({len(prompts)} prompts), "
             "an empty list for a prompt without"
         )
     if not isinstance(model, DeepFusionModel):
         if not any(images):
             return None
-        raise ValueError(
+        raise InvalidInputError(
             f"images were given, but this model ({type(model).__name__}) is text-only: it has "
             "no vision encoder to read them"
         )
-    config = getattr(model, "config", None)
-    if isinstance(config, MllamaConfig):
-        return mllama_image_inputs(config, prompts, images)
+    if isinstance(model.config, MllamaConfig):
+        return mllama_image_inputs(model.config, prompts, images)
     # A VisionTransformer, or any encoder called as encoder(images=[b, n, c, h, w]) that says
     # how many tokens it makes of an image.
     tokens_per_image = getattr(model.encoder, "tokens_per_image", None)
     if isinstance(model.encoder, VisionTransformer) or isinstance(tokens_per_image, int):
         return vit_image_inputs(prompts, images, tokens_per_image=tokens_per_image)
-    raise ValueError(
+    raise InvalidInputError(
         f"fusionlm does not know how to prepare images for a {type(model.encoder).__name__} "
         "encoder; pass encoder_input and encoder_mask to generate_tokens yourself"
     )

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.attention import MultiHeadAttention
 from fusionlm.modules.decoder import TiedLinear, TransformerDecoder
 from fusionlm.modules.feed_forward import FeedForward
@@ -65,16 +66,16 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise InvalidInputError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.rope_type not in ROPE_INITIALISERS:
-            raise ValueError(
+            raise InvalidInputError(
                 f"unsupported rope type {self.rope_type!r}; known: {sorted(ROPE_INITIALISERS)}"
             )
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
+            raise InvalidInputError(
                 f"unsupported hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}"
             )
 
@@ -97,7 +98,7 @@ class LlamaConfig:
         """
         missing = [key for key in _REQUIRED if key not in config]
         if missing:
-            raise ValueError(f"config.json is missing required field(s) {missing}")
+            raise InvalidInputError(f"config.json is missing required field(s) {missing}")
         rope_type, rope_theta, rope_params = _rope_from_hf(config)
         heads = config["num_attention_heads"]
         return cls(
@@ -198,8 +199,8 @@ def llama(
             head_dim=config.head_dim,
             norm=RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
             output=output,
+            config=config,
         )
-    model.config = config
     return model
 
 

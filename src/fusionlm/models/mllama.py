@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.images import ImageLike, pillow, to_pil
 from fusionlm.models.cross_attention import gated_cross_attention_layer
 from fusionlm.models.llama import ACTIVATIONS, LlamaConfig, llama_layer, llama_mlp, llama_rope
@@ -84,12 +85,12 @@ class MllamaVisionConfig:
     def __post_init__(self) -> None:
         expected = self.hidden_size * (1 + len(self.intermediate_layers_indices))
         if self.vision_output_dim != expected:
-            raise ValueError(
+            raise InvalidInputError(
                 f"vision_output_dim {self.vision_output_dim} must be hidden_size * (1 + number "
                 f"of intermediate layers) = {expected}"
             )
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
+            raise InvalidInputError(
                 f"unsupported vision hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}"
             )
 
@@ -107,7 +108,9 @@ class MllamaVisionConfig:
             if isinstance(values.get(key), (list, tuple)):
                 height, width = values[key]
                 if height != width:
-                    raise ValueError(f"non-square vision {key} {values[key]} is not supported")
+                    raise InvalidInputError(
+                        f"non-square vision {key} {values[key]} is not supported"
+                    )
                 values[key] = height
         if "intermediate_layers_indices" in values:
             values["intermediate_layers_indices"] = tuple(values["intermediate_layers_indices"])
@@ -144,22 +147,22 @@ class MllamaConfig:
     def __post_init__(self) -> None:
         cross = self.cross_attention_layers
         if list(cross) != sorted(set(cross)):
-            raise ValueError(f"cross_attention_layers must be increasing, got {list(cross)}")
+            raise InvalidInputError(f"cross_attention_layers must be increasing, got {list(cross)}")
         # Each cross-attention layer is fused into the self-attention layer right after it.
         unpaired = [i for i in cross if i + 1 in cross or not 0 <= i < self.num_hidden_layers - 1]
         if unpaired:
-            raise ValueError(
+            raise InvalidInputError(
                 f"cross-attention layers {unpaired} are not followed by a self-attention layer "
                 f"in the stack of {self.num_hidden_layers}; fusionlm fuses each into the next one"
             )
         channels = self.vision.num_channels
         if len(self.image_mean) != channels or len(self.image_std) != channels:
-            raise ValueError(
+            raise InvalidInputError(
                 f"image_mean {list(self.image_mean)} and image_std {list(self.image_std)} need "
                 f"one value per image channel ({channels})"
             )
         if not 0 <= self.image_token_index < self.text.vocab_size + self.num_fusion_tokens:
-            raise ValueError(
+            raise InvalidInputError(
                 f"image_token_index {self.image_token_index} is outside the embedding rows "
                 f"[0, {self.text.vocab_size + self.num_fusion_tokens})"
             )
@@ -189,7 +192,7 @@ class MllamaConfig:
         self_layers = [i for i in range(self.num_hidden_layers) if i not in cross]
         if not 0 <= index < len(self_layers) or (fused and self_layers[index] - 1 not in cross):
             kind = "fused cross-attention layer" if fused else "layer"
-            raise ValueError(f"there is no {kind} at index {index}")
+            raise InvalidInputError(f"there is no {kind} at index {index}")
         return self_layers[index] - 1 if fused else self_layers[index]
 
     @classmethod
@@ -205,11 +208,11 @@ class MllamaConfig:
             ValueError: a missing ``text_config``, a missing field or an unsupported value.
         """
         if not isinstance(config.get("text_config"), Mapping):
-            raise ValueError("an Mllama config.json needs a text_config object")
+            raise InvalidInputError("an Mllama config.json needs a text_config object")
         text = {**_TEXT_DEFAULTS, **config["text_config"]}
         cross = tuple(text.get("cross_attention_layers") or ())
         if "num_hidden_layers" not in text:
-            raise ValueError(
+            raise InvalidInputError(
                 "config.json text_config is missing required field 'num_hidden_layers'"
             )
         llama_fields = {
@@ -242,7 +245,7 @@ def mllama_encoder_mask(cross_attention_mask: Tensor, *, tokens_per_tile: int) -
         bool ``[b, s, n_images * T * tokens_per_tile]`` in the encoder's output order.
     """
     if cross_attention_mask.dim() != 4:
-        raise ValueError(
+        raise InvalidInputError(
             "cross_attention_mask must be [b, s, n_images, n_tiles], got shape "
             f"{tuple(cross_attention_mask.shape)}"
         )
@@ -287,12 +290,12 @@ def llama3_2_vision(
             head_dim=text.head_dim,
             norm=RMSNorm(text.hidden_size, eps=text.rms_norm_eps),
             output=nn.Linear(text.hidden_size, text.vocab_size, bias=False),
+            config=text,
         )
         encoder = _vision_encoder(
             config.vision, out_dim=text.hidden_size, attn_backend=attn_backend
         )
-        model = DeepFusionModel(decoder, encoder)
-    model.config = config
+        model = DeepFusionModel(decoder, encoder, config=config)
     return model
 
 
@@ -458,7 +461,7 @@ def mllama_cross_attention_mask(
         offset = longest - len(prompt)
         starts = [offset + j for j, token in enumerate(prompt) if token == image_token_id]
         if len(starts) != len(tiles):
-            raise ValueError(
+            raise InvalidInputError(
                 f"prompt {i} has {len(starts)} <|image|> token(s) (id {image_token_id}) but "
                 f"{len(tiles)} image(s): each image needs its image token in the prompt"
             )

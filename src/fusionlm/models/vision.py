@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.attention import MultiHeadAttention
 from fusionlm.modules.feed_forward import FeedForward
 from fusionlm.modules.fusion import register_fusion_module
@@ -40,7 +41,9 @@ class PatchEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
+            raise InvalidInputError(
+                f"patch_size {patch_size} does not divide image_size {image_size}"
+            )
         self.image_size = image_size
         self.num_channels = num_channels
         self.embed_dim = embed_dim
@@ -53,7 +56,7 @@ class PatchEmbedding(nn.Module):
         """Raises ValueError for images of another size or channel count."""
         expected = (self.num_channels, self.image_size, self.image_size)
         if images.dim() < 3 or tuple(images.shape[-3:]) != expected:
-            raise ValueError(
+            raise InvalidInputError(
                 f"expected images [..., c, h, w] = [..., {', '.join(map(str, expected))}], "
                 f"got shape {tuple(images.shape)}"
             )
@@ -128,7 +131,7 @@ def _prepend_class_token(class_embedding: Tensor, x: Tensor) -> Tensor:
 def _check_hidden_layers(hidden_layers: Sequence[int], num_layers: int) -> None:
     bad = [i for i in hidden_layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"hidden layer indices {bad} out of range [0, {num_layers})")
+        raise InvalidInputError(f"hidden layer indices {bad} out of range [0, {num_layers})")
 
 
 class VisionTransformer(nn.Module):
@@ -181,7 +184,7 @@ class VisionTransformer(nn.Module):
             ValueError: images not 5-D, or of the wrong size or channel count.
         """
         if images.dim() != 5:
-            raise ValueError(
+            raise InvalidInputError(
                 f"images must be [b, n_images, c, h, w], got shape {tuple(images.shape)}"
             )
         b, n = images.shape[:2]
@@ -374,13 +377,13 @@ class TiledVisionTransformer(nn.Module):
             ValueError: inputs of the wrong shape, an image of the wrong size or channels.
         """
         if images.dim() != 6 or images.shape[2] != self.max_num_tiles:
-            raise ValueError(
+            raise InvalidInputError(
                 f"images must be [b, n_images, {self.max_num_tiles} tiles, c, h, w], "
                 f"got shape {tuple(images.shape)}"
             )
         b, n, tiles = images.shape[:3]
         if aspect_ratio_ids.shape != (b, n) or aspect_ratio_mask.shape != (b, n, tiles):
-            raise ValueError(
+            raise InvalidInputError(
                 f"aspect_ratio_ids must be [b, n_images] = [{b}, {n}] and aspect_ratio_mask "
                 f"[b, n_images, T] = [{b}, {n}, {tiles}]; got {tuple(aspect_ratio_ids.shape)} "
                 f"and {tuple(aspect_ratio_mask.shape)}"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.kv_cache import KVCache
 from fusionlm.modules.masks import (
     AttentionMask,
@@ -58,7 +59,7 @@ def register_attention_backend(name: str) -> Callable[[AttentionBackend], Attent
 
     def register(fn: AttentionBackend) -> AttentionBackend:
         if name in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend {name!r} is already registered")
+            raise InvalidInputError(f"attention backend {name!r} is already registered")
         ATTENTION_BACKENDS[name] = fn
         return fn
 
@@ -70,7 +71,7 @@ def get_attention_backend(name: str) -> AttentionBackend:
     try:
         return ATTENTION_BACKENDS[name]
     except KeyError:
-        raise ValueError(
+        raise InvalidInputError(
             f"unknown attention backend {name!r}; known: {sorted(ATTENTION_BACKENDS)}"
         ) from None
 
@@ -154,7 +155,7 @@ def flex_attention_backend(
     from torch.nn.attention.flex_attention import flex_attention
 
     if dropout > 0.0:
-        raise ValueError(
+        raise InvalidInputError(
             "the flex attention backend does not support attention dropout; use 'sdpa'"
         )
     if mask is None and is_causal:
@@ -213,11 +214,11 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
             )
         if not 0.0 <= attn_dropout <= 1.0:
-            raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
+            raise InvalidInputError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
         get_attention_backend(backend)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -312,13 +313,15 @@ class MultiHeadAttention(nn.Module):
             q = self.q_norm(q)
         if self.pos_embeddings is not None:
             if input_pos is None:
-                raise ValueError("input_pos [b, s] is required with positional embeddings")
+                raise InvalidInputError("input_pos [b, s] is required with positional embeddings")
             q = self.pos_embeddings(q, input_pos=input_pos)
         q = q.transpose(1, 2)
 
         if y is None:
             if self.kv_cache is None or not self.cache_enabled or self.kv_cache.size == 0:
-                raise ValueError("attention needs y, or a filled and enabled KV cache to read from")
+                raise InvalidInputError(
+                    "attention needs y, or a filled and enabled KV cache to read from"
+                )
             k, v = self.kv_cache.filled()
         else:
             k, v = self._project_kv(y, input_pos=input_pos)
@@ -364,7 +367,7 @@ class MultiHeadAttention(nn.Module):
         if mask is None:
             return filled
         if not isinstance(mask, Tensor):
-            raise ValueError(
+            raise InvalidInputError(
                 "a fixed-shape KV cache needs a bool mask (or None), not a BlockMask; set up "
                 "the caches without fixed_shape to decode with flex block masks"
             )
@@ -392,7 +395,9 @@ class MultiHeadAttention(nn.Module):
         if not isinstance(mask, Tensor):
             return mask, False
         if mask.dtype != torch.bool:
-            raise ValueError(f"attention mask must be bool (True = may attend), got {mask.dtype}")
+            raise InvalidInputError(
+                f"attention mask must be bool (True = may attend), got {mask.dtype}"
+            )
         if mask.dim() == 3:
             mask = mask.unsqueeze(1)
         if (
@@ -401,7 +406,7 @@ class MultiHeadAttention(nn.Module):
             or mask.shape[3] < kv_len
             or mask.shape[0] not in (1, b)
         ):
-            raise ValueError(
+            raise InvalidInputError(
                 f"attention mask of shape {tuple(mask.shape)} does not fit {b} rows of {q_len} "
                 f"queries over {kv_len} keys; expected [b, {q_len}, >= {kv_len}]"
             )
@@ -422,14 +427,16 @@ class MultiHeadAttention(nn.Module):
         heads = set(heads)
         original_heads = self.num_heads + len(self.pruned_heads)
         if not heads <= set(range(original_heads)):
-            raise ValueError(f"head indices {sorted(heads)} out of range [0, {original_heads})")
+            raise InvalidInputError(
+                f"head indices {sorted(heads)} out of range [0, {original_heads})"
+            )
         heads, q_index = find_pruneable_heads_and_indices(
             heads, self.num_heads, self.head_dim, self.pruned_heads
         )
         if not heads:
             return
         if len(heads) + len(self.pruned_heads) == original_heads:
-            raise ValueError("cannot prune every head of an attention layer")
+            raise InvalidInputError("cannot prune every head of an attention layer")
         kv_of_query = {
             q: q // self._original_group_size
             for q in range(original_heads)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.attention import MultiHeadAttention
 from fusionlm.modules.layers import GradientCheckpointingLayer, TransformerCrossAttentionLayer
 from fusionlm.modules.masks import AttentionMask
@@ -49,6 +51,8 @@ class TransformerDecoder(nn.Module):
         output_hidden_states: layer indices whose *input* hidden state ``[b, s, d]`` is
             returned before the logits; index 0 is the embedding output. This matches
             transformers' ``hidden_states[i]`` for ``i < num_layers``.
+        config: the architecture the model was built from (a builder's config, such as
+            ``LlamaConfig``), kept as ``model.config``; None for a model assembled by hand.
 
     Shapes: b batch, s tokens, d width, v vocabulary, s_e encoder length.
     """
@@ -65,15 +69,19 @@ class TransformerDecoder(nn.Module):
         output: nn.Module | TiedLinear,
         num_layers: int | None = None,
         output_hidden_states: Sequence[int] | None = None,
+        config: Any = None,
     ) -> None:
         super().__init__()
+        self.config = config
         if isinstance(layers, nn.ModuleList):
             pass
         elif isinstance(layers, Sequence):
             layers = nn.ModuleList(layers)
         else:
             if num_layers is None:
-                raise ValueError("num_layers is required when a single layer is given to copy")
+                raise InvalidInputError(
+                    "num_layers is required when a single layer is given to copy"
+                )
             layers = nn.ModuleList(copy.deepcopy(layers) for _ in range(num_layers))
         self.tok_embeddings = tok_embeddings
         self.layers = layers
@@ -86,7 +94,9 @@ class TransformerDecoder(nn.Module):
         self.output_hidden_states = list(output_hidden_states or [])
         bad = [i for i in self.output_hidden_states if not 0 <= i < len(self.layers)]
         if bad:
-            raise ValueError(f"output_hidden_states {bad} out of range [0, {len(self.layers)})")
+            raise InvalidInputError(
+                f"output_hidden_states {bad} out of range [0, {len(self.layers)})"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -124,7 +134,7 @@ class TransformerDecoder(nn.Module):
             decoder_max_seq_len if decoder_max_seq_len is not None else self.max_seq_len
         )
         if decoder_max_seq_len > self.max_seq_len:
-            raise ValueError(
+            raise InvalidInputError(
                 f"decoder_max_seq_len {decoder_max_seq_len} exceeds the model's max_seq_len {self.max_seq_len}"
             )
         for layer in self.layers:
@@ -165,7 +175,7 @@ class TransformerDecoder(nn.Module):
         Pairs with ``CEWithChunkedOutputLoss``, which upcasts one chunk at a time.
         """
         if num_output_chunks < 0:
-            raise ValueError(f"num_output_chunks must be >= 0, got {num_output_chunks}")
+            raise InvalidInputError(f"num_output_chunks must be >= 0, got {num_output_chunks}")
         self.num_output_chunks = num_output_chunks
 
     def chunked_output(self, last_hidden_state: Tensor) -> list[Tensor]:
@@ -189,7 +199,7 @@ class TransformerDecoder(nn.Module):
     ) -> None:
         """Recompute layer activations in backward for every ``every_n_layers``-th layer."""
         if every_n_layers < 1:
-            raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+            raise InvalidInputError(f"every_n_layers must be >= 1, got {every_n_layers}")
         for i, layer in enumerate(self.layers):
             if isinstance(layer, GradientCheckpointingLayer):
                 layer.gradient_checkpointing = enable and i % every_n_layers == 0
@@ -240,14 +250,14 @@ class TransformerDecoder(nn.Module):
         if encoder_input is not None and not any(
             isinstance(m, TransformerCrossAttentionLayer) for m in self.layers.modules()
         ):
-            raise ValueError(
+            raise InvalidInputError(
                 "encoder_input was given, but this decoder has no cross-attention (fusion) "
                 "layers to read it"
             )
         caching = self.caches_are_enabled()
         if input_pos is None:
             if caching:
-                raise ValueError(
+                raise InvalidInputError(
                     "input_pos is required when KV caches are enabled: pass the positions [b, s] "
                     "of these tokens, or use disable_kv_cache(model)"
                 )
@@ -255,7 +265,9 @@ class TransformerDecoder(nn.Module):
         elif input_pos.dim() == 1:
             input_pos = input_pos.expand(b, -1)
         if input_pos.shape != (b, s):
-            raise ValueError(f"input_pos must be [b, s] = [{b}, {s}], got {tuple(input_pos.shape)}")
+            raise InvalidInputError(
+                f"input_pos must be [b, s] = [{b}, {s}], got {tuple(input_pos.shape)}"
+            )
 
         h = self.tok_embeddings(tokens)
         if active_rows is not None:
@@ -286,10 +298,10 @@ class TransformerDecoder(nn.Module):
             kind = tokens.dtype if isinstance(tokens, Tensor) else type(tokens).__name__
             raise TypeError(f"tokens must be an integer tensor [b, s], got {kind}")
         if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape [b, s], got {tuple(tokens.shape)}")
+            raise InvalidInputError(f"tokens must have shape [b, s], got {tuple(tokens.shape)}")
         b, s = tokens.shape
         if s > self.max_seq_len:
-            raise ValueError(
+            raise InvalidInputError(
                 f"sequence length {s} exceeds the model's max_seq_len {self.max_seq_len}"
             )
         # Checking the ids reads them on the host; a compiled graph (generation's decode step,
@@ -299,7 +311,7 @@ class TransformerDecoder(nn.Module):
             and tokens.numel()
             and (tokens.min() < 0 or tokens.max() >= self.vocab_size)
         ):
-            raise ValueError(
+            raise InvalidInputError(
                 f"token ids must be in [0, {self.vocab_size}), got min {int(tokens.min())}, max {int(tokens.max())}"
             )
         return b, s
@@ -351,7 +363,7 @@ def _cached_attention(model: nn.Module, *, needed_by: str) -> list[MultiHeadAtte
         m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.kv_cache is not None
     ]
     if not attns:
-        raise ValueError(f"{needed_by} needs a model whose caches are set up")
+        raise InvalidInputError(f"{needed_by} needs a model whose caches are set up")
     return attns
 
 

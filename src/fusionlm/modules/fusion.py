@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.layers import GradientCheckpointingLayer
 from fusionlm.modules.masks import AttentionMask
@@ -48,7 +49,7 @@ def set_trainable_params(model: nn.Module, names: Iterable[str]) -> None:
     params = dict(model.named_parameters())
     unknown = sorted(names - set(params))
     if unknown:
-        raise ValueError(f"not parameters of the model: {unknown[:10]}")
+        raise InvalidInputError(f"not parameters of the model: {unknown[:10]}")
     for name, param in params.items():
         param.requires_grad_(name in names)
 
@@ -211,6 +212,8 @@ class DeepFusionModel(nn.Module):
         decoder_trainable: train the decoder's own parameters.
         encoder_trainable: train the encoder's own parameters.
         fusion_trainable: train the fusion parameters (wherever they live).
+        config: the architecture the model was built from (such as ``MllamaConfig``), kept
+            as ``model.config``; None for a model assembled by hand.
     """
 
     def __init__(
@@ -221,8 +224,10 @@ class DeepFusionModel(nn.Module):
         decoder_trainable: bool = False,
         encoder_trainable: bool = False,
         fusion_trainable: bool = True,
+        config: Any = None,
     ) -> None:
         super().__init__()
+        self.config = config
         self.decoder = decoder
         self.encoder = encoder
         trainable = set()

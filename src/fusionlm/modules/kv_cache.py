@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
+
 
 class KVCache(nn.Module):
     """Preallocated key and value buffers ``[b, n_kv_heads, max_seq_len, head_dim]``.
@@ -94,7 +96,7 @@ class KVCache(nn.Module):
         """
         b, _, s, _ = k.shape
         if b != self.batch_size:
-            raise ValueError(
+            raise InvalidInputError(
                 f"KV cache was set up for batch size {self.batch_size} but got {b}; "
                 "call setup_caches with the batch size you run."
             )
@@ -109,7 +111,7 @@ class KVCache(nn.Module):
             return self.k_cache, self.v_cache
         end = self._size + s
         if end > self.max_seq_len:
-            raise ValueError(
+            raise InvalidInputError(
                 f"KV cache overflow: {self._size} tokens cached + {s} new > {self.max_seq_len} "
                 "slots; call reset_caches() or setup_caches with a larger decoder_max_seq_len."
             )
@@ -161,7 +163,7 @@ class KVCache(nn.Module):
             or int(lengths.min()) < 0
             or int(lengths.max()) > self.max_seq_len
         ):
-            raise ValueError(
+            raise InvalidInputError(
                 f"lengths must be [{self.batch_size}] values in [0, {self.max_seq_len}], got "
                 f"{lengths.tolist()}"
             )

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.attention import MultiHeadAttention
 from fusionlm.modules.masks import AttentionMask
 
@@ -47,7 +48,7 @@ class GradientCheckpointingLayer(nn.Module):
                 k for k, v in kwargs.items() if isinstance(v, Tensor) and v.requires_grad
             ]
             if grad_kwargs:
-                raise ValueError(
+                raise InvalidInputError(
                     f"reentrant checkpointing drops gradients of keyword tensors {grad_kwargs}; "
                     "pass them positionally or use use_reentrant=False"
                 )
@@ -180,11 +181,13 @@ class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLay
     ) -> None:
         super().__init__()
         if attn.pos_embeddings is not None or attn.is_causal:
-            raise ValueError(
+            raise InvalidInputError(
                 "cross-attention must be built with is_causal=False and no pos_embeddings"
             )
         if empty_rows not in ("skip", "attend_all"):
-            raise ValueError(f"empty_rows must be 'skip' or 'attend_all', got {empty_rows!r}")
+            raise InvalidInputError(
+                f"empty_rows must be 'skip' or 'attend_all', got {empty_rows!r}"
+            )
         self.attn = attn
         self.mlp = mlp
         self.ca_norm = ca_norm if ca_norm is not None else nn.Identity()
@@ -208,7 +211,7 @@ class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLay
         filling the cache, so reading it back already has a fixed shape.
         """
         if encoder_max_seq_len is None:
-            raise ValueError(
+            raise InvalidInputError(
                 "a cross-attention layer needs encoder_max_seq_len to set up its cache"
             )
         self.attn.setup_cache(batch_size, dtype, max_seq_len=encoder_max_seq_len)
@@ -260,9 +263,11 @@ class TransformerCrossAttentionLayer(_CachedLayerMixin, GradientCheckpointingLay
 
 def _check_encoder_mask(encoder_mask: Tensor, *, b: int, s: int, s_e: int) -> None:
     if encoder_mask.dtype != torch.bool:
-        raise ValueError(f"encoder_mask must be bool (True = may attend), got {encoder_mask.dtype}")
+        raise InvalidInputError(
+            f"encoder_mask must be bool (True = may attend), got {encoder_mask.dtype}"
+        )
     if encoder_mask.dim() != 3 or tuple(encoder_mask.shape) not in ((b, s, s_e), (1, s, s_e)):
-        raise ValueError(
+        raise InvalidInputError(
             f"encoder_mask of shape {tuple(encoder_mask.shape)} does not fit "
             f"[b, s, s_e] = [{b}, {s}, {s_e}] ({s_e} encoder positions)"
         )

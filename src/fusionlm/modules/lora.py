@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.fusion import set_trainable_params
 
 # Projection names (the attribute of the parent module) that can carry an adapter.
@@ -51,9 +52,9 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+            raise InvalidInputError(f"LoRA rank must be >= 1, got {rank}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+            raise InvalidInputError(f"LoRA dropout must be in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
         self.in_dim, self.out_dim = in_dim, out_dim
         self.rank, self.alpha, self.dropout_p = rank, float(alpha), float(dropout)
@@ -151,11 +152,11 @@ def apply_lora(
     """
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
-        raise ValueError(
+        raise InvalidInputError(
             f"unknown LoRA target(s) {unknown or list(targets)}; choose from {list(LORA_TARGETS)}"
         )
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("the model already has LoRA adapters")
+        raise InvalidInputError("the model already has LoRA adapters")
     wrapped = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -167,7 +168,7 @@ def apply_lora(
                 )
                 wrapped.append(f"{parent_name}.{name}" if parent_name else name)
     if not wrapped:
-        raise ValueError(f"no nn.Linear named {list(targets)} in the model")
+        raise InvalidInputError(f"no nn.Linear named {list(targets)} in the model")
     set_trainable_params(model, get_adapter_params(model))
     return wrapped
 

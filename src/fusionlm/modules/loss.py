@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
+
 
 class CEWithChunkedOutputLoss(nn.Module):
     """Mean token cross-entropy over logits split along the sequence.
@@ -25,7 +27,7 @@ class CEWithChunkedOutputLoss(nn.Module):
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100) -> None:
         super().__init__()
         if num_output_chunks < 1:
-            raise ValueError(f"num_output_chunks must be >= 1, got {num_output_chunks}")
+            raise InvalidInputError(f"num_output_chunks must be >= 1, got {num_output_chunks}")
         self.num_output_chunks = num_output_chunks
         self.ignore_index = ignore_index
 
@@ -55,14 +57,14 @@ class CEWithChunkedOutputLoss(nn.Module):
         if isinstance(logits, Tensor):
             logits = logits.tensor_split(self.num_output_chunks, dim=1)
         if len(logits) != self.num_output_chunks:
-            raise ValueError(
+            raise InvalidInputError(
                 f"got {len(logits)} logit chunks, expected num_output_chunks={self.num_output_chunks}"
             )
         label_chunks = labels.tensor_split(self.num_output_chunks, dim=1)
         total = labels.new_zeros((), dtype=torch.float32)
         for chunk, target in zip(logits, label_chunks, strict=True):
             if chunk.shape[:2] != target.shape:
-                raise ValueError(
+                raise InvalidInputError(
                     f"logit chunk {tuple(chunk.shape)} does not match label chunk {tuple(target.shape)}"
                 )
             total = total + self.compute_cross_entropy(

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, TypeAlias
 import torch
 from torch import Tensor
 
+from fusionlm.errors import InvalidInputError
+
 if TYPE_CHECKING:
     # Imported where a BlockMask is made: flex attention's module imports torch's compiler
     # stack (about 1 s), which dense masks never need.
@@ -48,7 +50,7 @@ def sliding_window(window: int) -> MaskPredicate:
     Combine with ``causal()`` for the usual local causal attention.
     """
     if window < 1:
-        raise ValueError(f"sliding window must be >= 1, got {window}")
+        raise InvalidInputError(f"sliding window must be >= 1, got {window}")
 
     def predicate(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return q_idx - kv_idx < window
@@ -63,7 +65,7 @@ def padding(keep: Tensor) -> MaskPredicate:
         keep: bool ``[b, kv_len]``, True for real tokens.
     """
     if keep.dtype != torch.bool or keep.dim() != 2:
-        raise ValueError(
+        raise InvalidInputError(
             f"padding keep-mask must be a bool [b, kv_len] tensor, got {keep.dtype} {tuple(keep.shape)}"
         )
 
@@ -80,7 +82,7 @@ def document(document_ids: Tensor) -> MaskPredicate:
         document_ids: integer ``[b, s]``, the document each slot belongs to.
     """
     if document_ids.dim() != 2 or document_ids.is_floating_point():
-        raise ValueError(
+        raise InvalidInputError(
             f"document ids must be an integer [b, s] tensor, got {document_ids.dtype} {tuple(document_ids.shape)}"
         )
 
@@ -93,7 +95,7 @@ def document(document_ids: Tensor) -> MaskPredicate:
 def and_masks(*predicates: MaskPredicate) -> MaskPredicate:
     """True where every predicate is True."""
     if not predicates:
-        raise ValueError("and_masks needs at least one predicate")
+        raise InvalidInputError("and_masks needs at least one predicate")
 
     def predicate(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         result = predicates[0](b, h, q_idx, kv_idx)
@@ -107,7 +109,7 @@ def and_masks(*predicates: MaskPredicate) -> MaskPredicate:
 def or_masks(*predicates: MaskPredicate) -> MaskPredicate:
     """True where any predicate is True."""
     if not predicates:
-        raise ValueError("or_masks needs at least one predicate")
+        raise InvalidInputError("or_masks needs at least one predicate")
 
     def predicate(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         result = predicates[0](b, h, q_idx, kv_idx)

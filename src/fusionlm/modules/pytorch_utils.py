@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from fusionlm.errors import InvalidInputError
+
 __all__ = [
     "Conv1D",
     "apply_chunking_to_forward",
@@ -54,7 +56,7 @@ class Conv1D(nn.Module):
     ) -> None:
         super().__init__()
         if nf < 0 or nx < 0:
-            raise ValueError(f"Conv1D sizes must be non-negative, got nf={nf}, nx={nx}")
+            raise InvalidInputError(f"Conv1D sizes must be non-negative, got nf={nf}, nx={nx}")
         self.nf = nf
         self.nx = nx
         self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
@@ -80,7 +82,7 @@ class Conv1D(nn.Module):
         """
         if x.dim() == 0 or x.shape[-1] != self.nx:
             got = "a 0-d tensor" if x.dim() == 0 else f"last dim {x.shape[-1]}"
-            raise ValueError(
+            raise InvalidInputError(
                 f"Conv1D expected input with last dim nx={self.nx}, got {got} "
                 f"(shape {tuple(x.shape)})"
             )
@@ -131,7 +133,9 @@ def apply_chunking_to_forward(
             ``chunk_size``.
     """
     if not input_tensors:
-        raise ValueError("apply_chunking_to_forward needs at least one input tensor, got none")
+        raise InvalidInputError(
+            "apply_chunking_to_forward needs at least one input tensor, got none"
+        )
     # Like transformers, count every declared parameter: this catches a forward_fn that
     # expects more (or fewer) tensors than are passed before any work is done. Some
     # builtins (torch.tanh) have no introspectable signature; their own call checks arity.
@@ -140,24 +144,24 @@ def apply_chunking_to_forward(
     except (TypeError, ValueError):
         n_params = None
     if n_params is not None and n_params != len(input_tensors):
-        raise ValueError(
+        raise InvalidInputError(
             f"forward_fn expects {n_params} argument(s), but {len(input_tensors)} input "
             "tensor(s) were given"
         )
     if chunk_size < 0:
-        raise ValueError(f"chunk_size must be >= 0 (0 disables chunking), got {chunk_size}")
+        raise InvalidInputError(f"chunk_size must be >= 0 (0 disables chunking), got {chunk_size}")
     if chunk_size == 0:
         return forward_fn(*input_tensors)
 
     size = input_tensors[0].shape[chunk_dim]
     for i, tensor in enumerate(input_tensors):
         if tensor.shape[chunk_dim] != size:
-            raise ValueError(
+            raise InvalidInputError(
                 f"All input tensors must have the same size on chunk_dim={chunk_dim}: input 0 "
                 f"has {size}, input {i} has {tensor.shape[chunk_dim]}"
             )
     if size % chunk_size != 0:
-        raise ValueError(
+        raise InvalidInputError(
             f"The size {size} of chunk_dim={chunk_dim} must be a multiple of "
             f"chunk_size={chunk_size}"
         )
@@ -199,7 +203,7 @@ def find_pruneable_heads_and_indices(
         # Current position = original id minus the heads removed before it.
         current = head - sum(1 for h in pruned_before if h < head)
         if head < 0 or not 0 <= current < n_heads:
-            raise ValueError(
+            raise InvalidInputError(
                 f"Cannot prune head {head}: the layer has {n_heads} heads left "
                 f"(already pruned: {sorted(pruned_before)})"
             )
@@ -210,7 +214,7 @@ def find_pruneable_heads_and_indices(
 
 def _check_dim(dim: int) -> None:
     if dim not in (0, 1):
-        raise ValueError(f"dim must be 0 or 1, got {dim}")
+        raise InvalidInputError(f"dim must be 0 or 1, got {dim}")
 
 
 def _select(tensor: torch.Tensor, dim: int, index: torch.Tensor | None) -> nn.Parameter:

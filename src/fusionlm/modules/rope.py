@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fusionlm.errors import InvalidInputError
+
 __all__ = [
     "ROPE_INITIALISERS",
     "RopeInit",
@@ -39,7 +41,7 @@ def register_rope_initialiser(name: str) -> Callable[[RopeInit], RopeInit]:
 
     def decorator(fn: RopeInit) -> RopeInit:
         if name in ROPE_INITIALISERS:
-            raise ValueError(f"a RoPE initialiser named {name!r} is already registered")
+            raise InvalidInputError(f"a RoPE initialiser named {name!r} is already registered")
         ROPE_INITIALISERS[name] = fn
         return fn
 
@@ -50,7 +52,7 @@ def _require(
     params: Mapping[str, Any], key: str, rope_type: str, *, allow_none: bool = False
 ) -> Any:
     if key not in params or (params[key] is None and not allow_none):
-        raise ValueError(
+        raise InvalidInputError(
             f"rope_type {rope_type!r} needs the parameter {key!r}; got {sorted(params) or 'none'}"
         )
     return params[key]
@@ -224,7 +226,7 @@ def _init_longrope(
     for key, value in (("short_factor", short_factor), ("long_factor", long_factor)):
         if len(value) != dim // 2:
             # A wrong length would silently broadcast (length 1) or fail with a shape error later.
-            raise ValueError(
+            raise InvalidInputError(
                 f"rope_type 'longrope' needs {key} of length dim // 2 = {dim // 2}, got {len(value)}"
             )
     factor = params.get("factor")
@@ -293,11 +295,13 @@ class RotaryEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         if rope_type not in ROPE_INITIALISERS:
-            raise ValueError(f"unknown rope_type {rope_type!r}; known: {sorted(ROPE_INITIALISERS)}")
+            raise InvalidInputError(
+                f"unknown rope_type {rope_type!r}; known: {sorted(ROPE_INITIALISERS)}"
+            )
         if dim <= 0 or dim % 2:
-            raise ValueError(f"RoPE dim must be a positive even number, got {dim}")
+            raise InvalidInputError(f"RoPE dim must be a positive even number, got {dim}")
         if max_seq_len <= 0:
-            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+            raise InvalidInputError(f"max_seq_len must be positive, got {max_seq_len}")
         self.dim = dim
         self.max_seq_len = max_seq_len
         self.base = base
@@ -336,7 +340,7 @@ class RotaryEmbedding(nn.Module):
             seq_len=seq_len,
         )
         if tuple(inv_freq.shape) != (self.dim // 2,):
-            raise ValueError(
+            raise InvalidInputError(
                 f"RoPE initialiser for {self.rope_type!r} returned inv_freq of shape "
                 f"{tuple(inv_freq.shape)}, expected ({self.dim // 2},)"
             )
@@ -372,7 +376,7 @@ class RotaryEmbedding(nn.Module):
     def _out_of_table(self, input_pos: Tensor) -> ValueError:
         bad = input_pos[(input_pos < 0) | (input_pos >= self.max_seq_len)]
         position = int(bad.reshape(-1)[0]) if bad.numel() else "?"
-        return ValueError(
+        return InvalidInputError(
             f"position {position} is outside the RoPE table of {self.max_seq_len} positions "
             f"(valid: 0..{self.max_seq_len - 1}); raise max_seq_len to cover it"
         )
@@ -415,12 +419,12 @@ class RotaryEmbedding(nn.Module):
                 would cost a host sync on every call.)
         """
         if x.ndim != 4 or x.shape[-1] != self.dim:
-            raise ValueError(
+            raise InvalidInputError(
                 f"expected x of shape [b, s, n_heads, {self.dim}], got {tuple(x.shape)}"
             )
         b, s = x.shape[0], x.shape[1]
         if input_pos.ndim != 2 or input_pos.shape[1] != s or input_pos.shape[0] not in (1, b):
-            raise ValueError(
+            raise InvalidInputError(
                 f"expected input_pos of shape [{b}, {s}] (or [1, {s}]), got {tuple(input_pos.shape)}"
             )
         if self._rule is not None and input_pos.numel():

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.generation import SamplingParams, sample
 from fusionlm.inference.decode_step import CompileMode, DecodeStep
 from fusionlm.modules.decoder import TransformerDecoder, cache_row
@@ -173,7 +174,7 @@ class Engine:
         metrics: ServerMetrics | None = None,
     ) -> None:
         if slots < 1 or ctx < 2 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError(
+            raise InvalidInputError(
                 f"slots ({slots}) and prefill_chunk ({prefill_chunk}) must be >= 1, ctx ({ctx}) "
                 f">= 2 and max_queue ({max_queue}) >= 0"
             )
@@ -275,7 +276,9 @@ class Engine:
         if not isinstance(model, TransformerDecoder):
             raise TypeError(f"fusionlm serve runs text decoders, not {type(model).__name__}")
         if self.ctx > model.max_seq_len:
-            raise ValueError(f"ctx {self.ctx} exceeds the model's context of {model.max_seq_len}")
+            raise InvalidInputError(
+                f"ctx {self.ctx} exceeds the model's context of {model.max_seq_len}"
+            )
         self.model = model
         model.setup_caches(
             self.slots,

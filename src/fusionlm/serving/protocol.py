@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.generation import SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -80,7 +81,7 @@ class _Generation(BaseModel):
     @classmethod
     def _top_k(cls, value: int | None) -> int | None:
         if value is not None and value < -1:
-            raise ValueError("top_k must be >= 1, or -1 / 0 / null for no limit")
+            raise InvalidInputError("top_k must be >= 1, or -1 / 0 / null for no limit")
         return value if value is not None and value > 0 else None
 
     @field_validator("stop")
@@ -88,9 +89,9 @@ class _Generation(BaseModel):
     def _stop(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+            raise InvalidInputError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
-            raise ValueError("a stop string is empty")
+            raise InvalidInputError("a stop string is empty")
         return stops
 
     @field_validator("logit_bias")
@@ -98,7 +99,7 @@ class _Generation(BaseModel):
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key in value or {}:
             if not key.isdigit():
-                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+                raise InvalidInputError(f"logit_bias keys are token ids, got {key!r}")
         return value
 
     def sampling(self) -> SamplingParams:

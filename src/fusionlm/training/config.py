@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.models.registry import DEFAULT_MODEL
 from fusionlm.modules.attention import get_attention_backend
 from fusionlm.modules.lora import LORA_TARGETS
@@ -115,36 +116,36 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         if not self.train_data:
-            raise ValueError("train_data is required: a JSONL file of training examples")
+            raise InvalidInputError("train_data is required: a JSONL file of training examples")
         positive = ("seq_len", "epochs", "batch_size", "gradient_accumulation_steps", "lora_rank")
         positive += ("log_every", "keep_checkpoints")
         for key in positive:
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise InvalidInputError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_output_chunks"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+                raise InvalidInputError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("learning_rate", "adam_eps", "lora_alpha"):
             if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+                raise InvalidInputError(f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+                raise InvalidInputError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("adam_beta1", "adam_beta2", "lora_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+                raise InvalidInputError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise InvalidInputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+            raise InvalidInputError(f"seq_len must be >= 2, got {self.seq_len}")
         bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if bad or not self.lora_targets:
-            raise ValueError(
+            raise InvalidInputError(
                 f"lora_targets {bad or self.lora_targets} invalid; choose from {list(LORA_TARGETS)}"
             )
         get_attention_backend(self.attn_backend)  # ValueError listing the known backends
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise InvalidInputError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
 
 def config_keys() -> list[str]:
@@ -172,7 +173,7 @@ def load_config(
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise InvalidInputError(f"override {item!r} must look like key=value")
         _check_key(key, "command line")
         values[key] = _parse_override(key, text.strip())
     return FinetuneConfig(**values)
@@ -185,7 +186,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         try:
             import tomli as tomllib
         except ImportError:
-            raise ValueError(
+            raise InvalidInputError(
                 "reading a TOML config needs Python 3.11+ or `pip install tomli`"
             ) from None
     if not path.is_file():
@@ -193,10 +194,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid TOML: {e}") from None
+        raise InvalidInputError(f"{path} is not valid TOML: {e}") from None
     for key, value in data.items():
         if isinstance(value, Mapping):
-            raise ValueError(
+            raise InvalidInputError(
                 f"{path}: [{key}] is a table; the config is flat key = value lines "
                 f"(valid keys: {', '.join(config_keys())})"
             )
@@ -206,7 +207,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _check_key(key: str, where: str) -> None:
     if key not in config_keys():
-        raise ValueError(
+        raise InvalidInputError(
             f"unknown config key {key!r} ({where}); valid keys: {', '.join(config_keys())}"
         )
 
@@ -241,7 +242,7 @@ def _parse_override(key: str, text: str) -> Any:
         if typing.get_origin(tp) is list:
             return [part.strip() for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"{key}={text!r}: expected {_type_name(tp)}") from None
+        raise InvalidInputError(f"{key}={text!r}: expected {_type_name(tp)}") from None
     return text
 
 
@@ -270,7 +271,7 @@ def _check_types(config: FinetuneConfig) -> None:
         else:
             ok = isinstance(value, tp)
         if not ok:
-            raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
+            raise InvalidInputError(f"{key} must be {_type_name(tp)}, got {value!r}")
 
 
 __all__ = ["FinetuneConfig", "config_keys", "load_config"]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusionlm.errors import InvalidInputError
 from fusionlm.modules.masks import (
     AttentionMask,
     and_masks,
@@ -131,23 +132,23 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{number}: not UTF-8 text ({e.reason})") from None
+                raise InvalidInputError(f"{path}:{number}: not UTF-8 text ({e.reason})") from None
             if not text.strip():
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})"
                 ) from None
             if not isinstance(obj, dict):
-                raise ValueError(
+                raise InvalidInputError(
                     f"{path}:{number}: expected a JSON object, got {type(obj).__name__}; "
                     f"each line is one of {', '.join(FORMATS)}"
                 )
             examples.append((number, obj))
     if not examples:
-        raise ValueError(f"data file {path} holds no examples")
+        raise InvalidInputError(f"data file {path} holds no examples")
     return examples
 
 
@@ -164,10 +165,10 @@ def tokenize_example(
     """
     formats = [key for key in ("messages", "prompt", "text") if key in example]
     if "response" in example and "prompt" not in example:
-        raise ValueError("has 'response' without 'prompt'")
+        raise InvalidInputError("has 'response' without 'prompt'")
     if len(formats) != 1:
         found = formats or sorted(example)
-        raise ValueError(f"needs exactly one of {', '.join(FORMATS)}; found keys {found}")
+        raise InvalidInputError(f"needs exactly one of {', '.join(FORMATS)}; found keys {found}")
     if "text" in example:
         text = _string(example, "text")
         ids = tokenizer.encode(text)
@@ -176,10 +177,10 @@ def tokenize_example(
         return ids, [True] * len(ids)
     if "prompt" in example:
         if "response" not in example:
-            raise ValueError("has 'prompt' without 'response'")
+            raise InvalidInputError("has 'prompt' without 'response'")
         system = example.get("system")
         if system is not None and not isinstance(system, str):
-            raise ValueError(f"'system' must be a string, got {type(system).__name__}")
+            raise InvalidInputError(f"'system' must be a string, got {type(system).__name__}")
         prompt, response = _string(example, "prompt"), _string(example, "response")
         if not tokenizer.is_chat:
             ids = tokenizer.encode((system + "\n\n" if system else "") + prompt)
@@ -193,16 +194,18 @@ def tokenize_example(
     else:
         messages = example["messages"]
         if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+            raise InvalidInputError(
+                "'messages' must be a non-empty list of {role, content} objects"
+            )
         if not tokenizer.is_chat:
-            raise ValueError("'messages' need a tokenizer with a chat template")
+            raise InvalidInputError("'messages' need a tokenizer with a chat template")
     return _tokenize_chat(messages, tokenizer)
 
 
 def _string(example: Mapping[str, Any], key: str) -> str:
     value = example[key]
     if not isinstance(value, str):
-        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+        raise InvalidInputError(f"'{key}' must be a string, got {type(value).__name__}")
     return value
 
 
@@ -215,12 +218,14 @@ def _tokenize_chat(messages: list[Any], tokenizer: Tokenizer) -> tuple[list[int]
     """
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
+            raise InvalidInputError(
+                f"messages[{i}] must be an object, got {type(message).__name__}"
+            )
     assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if not assistant:
-        raise ValueError("has no assistant message to train on")
+        raise InvalidInputError("has no assistant message to train on")
     if assistant[0] == 0:
-        raise ValueError("starts with an assistant message; put a user message before it")
+        raise InvalidInputError("starts with an assistant message; put a user message before it")
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     pieces: list[tuple[str, bool]] = []
     done = 0
@@ -228,7 +233,7 @@ def _tokenize_chat(messages: list[Any], tokenizer: Tokenizer) -> tuple[list[int]
         before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
         after = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
         if not (after.startswith(before) and full.startswith(after) and len(before) >= done):
-            raise ValueError(
+            raise InvalidInputError(
                 "the chat template does not render conversations as growing prefixes, so the "
                 "assistant turns cannot be located"
             )
@@ -265,10 +270,10 @@ def load_documents(
         try:
             ids, trained = tokenize_example(example, tokenizer)
         except ValueError as e:
-            raise ValueError(f"{path}:{number}: {e}") from None
+            raise InvalidInputError(f"{path}:{number}: {e}") from None
         if len(ids) > seq_len:
             if not truncate:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{path}:{number}: {len(ids)} tokens do not fit seq_len={seq_len}; "
                     "raise seq_len or set truncate=true"
                 )
@@ -280,7 +285,7 @@ def load_documents(
         labels.append(IGNORE_INDEX)
         if all(label == IGNORE_INDEX for label in labels):
             reason = " after truncation" if len(ids) == seq_len and truncated else ""
-            raise ValueError(f"{path}:{number}: no token to train on{reason}")
+            raise InvalidInputError(f"{path}:{number}: no token to train on{reason}")
         documents.append(Document(tokens=ids, labels=labels, line=number))
     return documents, truncated
 
@@ -301,12 +306,14 @@ def pack_documents(
         ValueError: a document longer than ``seq_len``, or no documents.
     """
     if not documents:
-        raise ValueError("no documents to pack")
+        raise InvalidInputError("no documents to pack")
     rows: list[list[Document]] = []
     used = seq_len + 1
     for doc in documents:
         if len(doc.tokens) > seq_len:
-            raise ValueError(f"line {doc.line}: {len(doc.tokens)} tokens exceed seq_len={seq_len}")
+            raise InvalidInputError(
+                f"line {doc.line}: {len(doc.tokens)} tokens exceed seq_len={seq_len}"
+            )
         if not packing or used + len(doc.tokens) > seq_len:
             rows.append([])
             used = 0

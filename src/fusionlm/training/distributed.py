@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from fusionlm.errors import InvalidInputError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributedEnv:
@@ -39,7 +41,7 @@ def init_distributed(device: str = "auto") -> DistributedEnv:
     """
     cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise ValueError("device=cuda, but CUDA is not available")
+        raise InvalidInputError("device=cuda, but CUDA is not available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fusionlm.checkpoint.peft import save_peft_adapter
+from fusionlm.errors import InvalidInputError
 from fusionlm.loading import load_model, load_tokenizer, save_hf
 from fusionlm.models.llama import LlamaConfig
 from fusionlm.modules.decoder import TransformerDecoder
@@ -64,6 +65,8 @@ from fusionlm.training.state import (
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 _ARCHITECTURE_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -89,7 +92,8 @@ class FinetuneResult:
         val_loss, val_perplexity: the final validation figures (None without ``val_data``).
         model_dir: the transformers directory written (full, or LoRA merged), if any.
         adapter_dir: the PEFT adapter directory (LoRA only).
-        metrics_path, plot_path: the metrics JSONL and the loss-curve PNG.
+        metrics_path, plot_path: the metrics JSONL and the loss-curve PNG (None without
+            matplotlib, the ``plot`` extra).
     """
 
     output_dir: Path
@@ -101,7 +105,7 @@ class FinetuneResult:
     model_dir: Path | None
     adapter_dir: Path | None
     metrics_path: Path
-    plot_path: Path
+    plot_path: Path | None
 
 
 def finetune(
@@ -160,23 +164,68 @@ class _Run:
     # -- setup: every user error is raised here, before a step runs ---------------------------
 
     def prepare(self) -> None:
+        """Check the run's input and set it up: data, model, optimizer, and the state of the
+        checkpoint it resumes from."""
+        self._check_paths()
+        documents, truncated = self._prepare_data()
+        model = self._prepare_model()
+        trained = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        self.sampler = StepSampler(
+            len(self.train_rows),
+            batch_size=self.config.batch_size,
+            accumulation=self.config.gradient_accumulation_steps,
+            world_size=self.env.world_size,
+            seed=self.config.seed,
+            shuffle=self.config.shuffle,
+        )
+        self.total_steps = self.config.max_steps or self.sampler.steps_for_epochs(
+            self.config.epochs
+        )
+        self.fingerprint = self._fingerprint(model, trained)
+        n_total = sum(p.numel() for p in model.parameters())
+        model.to(self.env.device)
+        self.model = shard_model(model, self.env)
+        self._prepare_optimizer()
+        self.start = self._resume() if self.checkpoint else 0  # a checkpoint: resume=true
+        self._log_plan(
+            documents=documents,
+            truncated=truncated,
+            n_trained=sum(math.prod(shape) for shape in trained.values()),
+            n_total=n_total,
+        )
+
+    def _check_paths(self) -> None:
+        """The data files exist; the output directory holds no run this one would overwrite
+        (a finished one, or one with checkpoints, unless resuming it)."""
         config = self.config
         for key in ("train_data", "val_data"):
             path = getattr(config, key)
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{key}: data file {path} does not exist")
         self.checkpoint = latest_checkpoint(self.out)
-        if config.resume and self.checkpoint is None:
+        # A finished run's outputs, or the checkpoint a stopped run can go on from.
+        kept = [self.checkpoint] if self.checkpoint else []
+        kept += [self.out / name for name in (MODEL_DIR, ADAPTER_DIR) if (self.out / name).exists()]
+        stopped_early = not kept and (self.out / METRICS_FILE).exists()
+        if kept and not (config.resume and self.checkpoint):
+            raise InvalidInputError(
+                f"{self.out} already holds a run ({kept[0].name}); pass resume=true to "
+                "continue from its checkpoints, or choose another output_dir"
+            )
+        if stopped_early:  # nothing to lose: a run that stopped before its first checkpoint
+            self.log(
+                f"{self.out} holds a run that stopped before its first checkpoint; starting "
+                "again from step 0 in its place"
+            )
+        elif config.resume and self.checkpoint is None:
             raise FileNotFoundError(
                 f"resume=true, but {self.out / CHECKPOINTS} holds no checkpoint to resume from"
             )
-        previous = self.checkpoint or (self.out / METRICS_FILE)
-        if not config.resume and previous.exists():
-            raise ValueError(
-                f"{self.out} already holds a run ({previous.name}); pass resume=true to continue "
-                "from its checkpoints, or choose another output_dir"
-            )
 
+    def _prepare_data(self) -> tuple[list, int]:
+        """Tokenize and pack the training (and validation) data; returns the training
+        documents and how many were truncated."""
+        config = self.config
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         docs, truncated = load_documents(
             config.train_data, self.tokenizer, seq_len=config.seq_len, truncate=config.truncate
@@ -194,25 +243,29 @@ class _Run:
                 config.val_data, self.tokenizer, seq_len=config.seq_len, truncate=config.truncate
             )
             self.val_rows = pack(val_docs)
+        return docs, truncated
 
+    def _prepare_model(self) -> TransformerDecoder:
+        """The model to train, checked against the data, with LoRA applied (or every weight
+        trainable), gradient checkpointing and the chunked loss set up."""
+        config = self.config
         torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=torch.float32, attn_backend=config.attn_backend)
-        if not isinstance(model, TransformerDecoder) or not isinstance(
-            getattr(model, "config", None), LlamaConfig
-        ):
-            raise ValueError(f"{config.model}: fine-tuning supports Llama-family decoders only")
+        if not isinstance(model, TransformerDecoder) or not isinstance(model.config, LlamaConfig):
+            raise InvalidInputError(
+                f"{config.model}: fine-tuning supports Llama-family decoders only"
+            )
         if config.seq_len > model.max_seq_len:
-            raise ValueError(
+            raise InvalidInputError(
                 f"seq_len={config.seq_len} exceeds the model's context of {model.max_seq_len} tokens"
             )
         for rows in (self.train_rows, self.val_rows):
             if rows is not None and int(rows.tokens.max()) >= model.vocab_size:
-                raise ValueError(
+                raise InvalidInputError(
                     f"the tokenizer produced id {int(rows.tokens.max())}, outside the model's "
                     f"vocabulary of {model.vocab_size}; is the tokenizer the model's?"
                 )
-        base_hash = _weights_hash(model)
-
+        self.base_hash = _weights_hash(model)
         torch.manual_seed(config.seed)  # LoRA's initialisation must not depend on loading
         if config.lora:
             apply_lora(
@@ -229,32 +282,25 @@ class _Run:
         model.set_gradient_checkpointing(config.gradient_checkpointing)
         model.set_num_output_chunks(config.num_output_chunks)
         self.loss_fn = CEWithChunkedOutputLoss(max(1, config.num_output_chunks))
+        return model
 
-        self.sampler = StepSampler(
-            len(self.train_rows),
-            batch_size=config.batch_size,
-            accumulation=config.gradient_accumulation_steps,
-            world_size=self.env.world_size,
-            seed=config.seed,
-            shuffle=config.shuffle,
-        )
-        self.total_steps = config.max_steps or self.sampler.steps_for_epochs(config.epochs)
-        trainable = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-        self.fingerprint = {
+    def _fingerprint(self, model: TransformerDecoder, trained: dict[str, list[int]]) -> dict:
+        """What a checkpoint must match to be resumed by this run."""
+        config = self.config
+        return {
             "architecture": {k: getattr(model.config, k) for k in _ARCHITECTURE_FIELDS},
-            "base_weights": base_hash,
-            "trainable": trainable,
+            "base_weights": self.base_hash,
+            "trainable": trained,
             "lora": [config.lora_rank, config.lora_alpha, sorted(config.lora_targets)]
             if config.lora
             else None,
             "data": self.train_rows.fingerprint(),
             "data_order": [self.sampler.global_batch, config.seed, config.shuffle],
         }
-        n_trained = sum(math.prod(s) for s in trainable.values())
-        n_total = sum(p.numel() for p in model.parameters())
 
-        model.to(self.env.device)
-        self.model = shard_model(model, self.env)
+    def _prepare_optimizer(self) -> None:
+        """AdamW over the trained parameters, and the warmup-then-cosine schedule."""
+        config = self.config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -272,24 +318,28 @@ class _Run:
                 min_ratio=config.min_lr_ratio,
             ),
         )
-        self.start = 0
-        if config.resume:
-            state = read_state(self.checkpoint)
-            check_fingerprint(state["fingerprint"], self.fingerprint, path=self.checkpoint)
-            if state["step"] >= self.total_steps:
-                raise ValueError(
-                    f"{self.checkpoint} is at step {state['step']} of a {self.total_steps}-step "
-                    "run; raise max_steps to train further"
-                )
-            load_checkpoint(
-                self.checkpoint,
-                model=self.model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                env=self.env,
-            )
-            self.start = state["step"]
 
+    def _resume(self) -> int:
+        """Load the latest checkpoint into model, optimizer and schedule; returns its step."""
+        state = read_state(self.checkpoint)
+        check_fingerprint(state["fingerprint"], self.fingerprint, path=self.checkpoint)
+        if state["step"] >= self.total_steps:
+            raise InvalidInputError(
+                f"{self.checkpoint} is at step {state['step']} of a {self.total_steps}-step "
+                "run; raise max_steps to train further"
+            )
+        load_checkpoint(
+            self.checkpoint,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            env=self.env,
+        )
+        self._continue_schedule(state["step"])
+        return state["step"]
+
+    def _log_plan(self, *, documents: list, truncated: int, n_trained: int, n_total: int) -> None:
+        config = self.config
         real = int((self.train_rows.document_ids >= 0).sum())
         fill = real / self.train_rows.tokens.numel()
         method = (
@@ -298,13 +348,22 @@ class _Run:
             else "full"
         )
         self.log(
-            f"{len(docs)} examples -> {len(self.train_rows)} rows of {config.seq_len} tokens "
-            f"({fill:.0%} filled{f', {truncated} truncated' if truncated else ''}); "
+            f"{len(documents)} examples -> {len(self.train_rows)} rows of {config.seq_len} "
+            f"tokens ({fill:.0%} filled{f', {truncated} truncated' if truncated else ''}); "
             f"{self.total_steps} steps of {self.sampler.global_batch} rows; {method}: "
             f"{n_trained / 1e6:.3g} M of {n_total / 1e6:.1f} M parameters trained; "
             f"{self.env.world_size} process(es) on {self.env.device.type}"
             + (f"; resuming after step {self.start}" if self.start else "")
         )
+
+    def _continue_schedule(self, step: int) -> None:
+        """Set the learning rates of ``step`` on this run's schedule. A checkpoint holds the
+        rates its run had reached: a run extended past that run's end (a larger
+        ``max_steps``) must go on along its own, longer schedule."""
+        factor = self.scheduler.lr_lambdas[0](step)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -347,7 +406,7 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(all_reduce_sum(loss_sum, env)) / max(1.0, n_labels)
         if not math.isfinite(loss):
-            raise ValueError(
+            raise InvalidInputError(
                 f"training diverged: the loss is {loss} at step {step + 1}; lower learning_rate"
             )
         elapsed = time.perf_counter() - started
@@ -441,10 +500,14 @@ class _Run:
                 metrics_path,
                 {"step": self.total_steps, "val_loss": val[0], "val_perplexity": val[1]},
             )
-        plot_path = self.out / PLOT_FILE
+        plot_path: Path | None = self.out / PLOT_FILE
         if env.is_main:
             train, val_points = _read_curves(metrics_path)
-            write_loss_png(plot_path, train, val_points)
+            try:
+                write_loss_png(plot_path, train, val_points)
+            except ImportError as e:  # the run's results stand without their picture
+                self.log(f"no loss curve: {e}")
+                plot_path = None
         model_dir, adapter_dir = self.export()
         summary = f"done: {self.total_steps} steps"
         if losses:
@@ -501,19 +564,19 @@ class _Run:
             model.set_gradient_checkpointing(False)
             if config.lora:
                 adapter_dir = save_peft_adapter(
-                    model, self.out / "adapter", base_model_name_or_path=config.model
+                    model, self.out / ADAPTER_DIR, base_model_name_or_path=config.model
                 )
                 if config.save_merged:
                     merge_lora(model)
-                    model_dir = save_hf(model, self.out / "model", tokenizer=self.tokenizer)
+                    model_dir = save_hf(model, self.out / MODEL_DIR, tokenizer=self.tokenizer)
             else:
-                model_dir = save_hf(model, self.out / "model", tokenizer=self.tokenizer)
+                model_dir = save_hf(model, self.out / MODEL_DIR, tokenizer=self.tokenizer)
         barrier(env)
         if config.lora:
-            adapter_dir = self.out / "adapter"
-            model_dir = self.out / "model" if config.save_merged else None
+            adapter_dir = self.out / ADAPTER_DIR
+            model_dir = self.out / MODEL_DIR if config.save_merged else None
         else:
-            model_dir = self.out / "model"
+            model_dir = self.out / MODEL_DIR
         return model_dir, adapter_dir
 
 

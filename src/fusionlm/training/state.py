@@ -35,7 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from fusionlm.checkpoint.hf import _atomic_write
+from fusionlm.errors import InvalidInputError
+from fusionlm.files import atomic_write_text
 from fusionlm.training.distributed import DistributedEnv, barrier, gather_to_main
 
 CHECKPOINTS = "checkpoints"
@@ -61,7 +62,7 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
         return None
     path = root / pointer.read_text().strip()
     if not (path / "state.json").is_file():
-        raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+        raise InvalidInputError(f"{pointer} names {path.name}, which is not a complete checkpoint")
     return path
 
 
@@ -110,7 +111,7 @@ def save_checkpoint(
         if final.exists():  # left by a run that crashed before pointing `latest` at it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write(root / LATEST, lambda path: Path(path).write_text(final.name + "\n"))
+        atomic_write_text(root / LATEST, final.name + "\n")
         _prune(root, keep=keep, current=final)
     barrier(env)
     return final
@@ -137,7 +138,7 @@ def load_checkpoint(
         optim_tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"checkpoint {path} is unreadable: {e}") from None
+        raise InvalidInputError(f"checkpoint {path} is unreadable: {e}") from None
     set_model_state_dict(
         model, model_sd, options=StateDictOptions(full_state_dict=True, strict=False)
     )
@@ -171,9 +172,9 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {path} has no readable state.json: {e}") from None
+        raise InvalidInputError(f"checkpoint {path} has no readable state.json: {e}") from None
     if state.get("format") != FORMAT_VERSION:
-        raise ValueError(
+        raise InvalidInputError(
             f"checkpoint {path} has format {state.get('format')}, expected {FORMAT_VERSION}"
         )
     return state
@@ -197,7 +198,7 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], *, p
         else:
             differences.append(f"{key} ({a!r} vs {b!r})")
     if differences:
-        raise ValueError(
+        raise InvalidInputError(
             f"cannot resume from {path}: it was written for a different run; differs in "
             + "; ".join(differences)
             + " (checkpoint vs now)"
