@@ -19,7 +19,7 @@ from fusionlm.cli import main
 from fusionlm.inference import decode_step
 from fusionlm.inference.decode_step import stored_step_path
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS
-from tests.helpers import empty_cache
+from tests.helpers import CONFIGS, empty_cache, make_hf_mllama
 
 
 @pytest.mark.slow
@@ -65,6 +65,16 @@ def test_info_describes_the_default_model(capsys):
     out = capsys.readouterr().out
     assert "30 layers, hidden 576, 9 heads (3 kv), vocab 49152" in out
     assert "Q4_1" in out and "134.5 M" in out and "8192 tokens" in out
+
+
+def test_info_describes_an_mllama_directory(tmp_path, capsys):
+    """generate loads a Llama 3.2 Vision directory; info describes it (3 self-attention layers
+    of the 5, with 2 cross-attention layers fused in)."""
+    make_hf_mllama(tmp_path / "mllama", CONFIGS["gqa-2tiles"])
+    assert main(["info", "--model", str(tmp_path / "mllama")]) == 0
+    out = capsys.readouterr().out
+    assert "llama: 3 layers" in out and "+ 2 cross-attention layers" in out
+    assert "image encoder (mllama)" in out
 
 
 @pytest.mark.slow
