@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from fusionlm.tokenizer import _PRE_TOKENIZERS, Tokenizer
+from fusionlm.tokenizer import Tokenizer
+from fusionlm.tokenizer.gguf import _PRE_TOKENIZERS
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FIXED = settings(
@@ -884,7 +885,7 @@ def test_merges_from_scores_match_transformers(scoring: str) -> None:
     """The merge order recovered from scores is transformers' (``generate_merges``), ties included."""
     from transformers.tokenization_utils_base import generate_merges
 
-    from fusionlm.tokenizer import _merges_from_scores
+    from fusionlm.tokenizer.gguf import _merges_from_scores
 
     tokens, scores, _ = _spm_vocab()
     if scoring == "ties":

@@ -1,0 +1,368 @@
+"""Tokenizers rebuilt from GGUF metadata: a GGUF file carries no ``tokenizer.json``; its
+vocabulary, merges, token types and flags are metadata under llama.cpp's key names.
+
+* ``tokenizer.ggml.model = "gpt2"``: byte-level BPE. How text is cut before BPE depends on the
+  vocabulary (``tokenizer.ggml.pre``); each name maps to llama.cpp's split rule for it (table
+  ``_PRE_TOKENIZERS``). An unknown name is an error rather than a silently different tokenization.
+* ``tokenizer.ggml.model = "llama"``: a sentencepiece vocabulary. Its BPE merges are the file's,
+  or recovered from the token scores, and bytes that are not tokens fall back to ``<0xNN>``.
+
+Control tokens (token type 3) become special tokens and user-defined ones (type 4) plain added
+tokens, so neither is ever split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+
+from fusionlm.errors import InvalidInputError
+
+# llama.cpp's token types (``llama_token_type``) as stored in ``tokenizer.ggml.token_type``.
+_CONTROL = 3
+_USER_DEFINED = 4
+
+_SPIECE_SPACE = "\u2581"
+
+# -- pre-tokenizers of byte-level vocabularies ------------------------------------------------
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class _PreTokenizer:
+    """How one family of byte-level vocabularies cuts text before BPE.
+
+    ``split`` is the regex of the cut; None means GPT-2's, which ``ByteLevel`` applies itself.
+    ``digits`` isolates every numeric character first (llama.cpp's extra ``\\p{N}`` pass).
+    ``ignore_merges`` and ``add_bos`` are the flags llama.cpp sets for the name; ``add_bos`` is
+    only the default for files without ``tokenizer.ggml.add_bos_token``.
+    """
+
+    split: str | None = None
+    digits: bool = False
+    ignore_merges: bool = False
+    add_bos: bool = False
+
+    def build(self) -> pre_tokenizers.PreTokenizer:
+        if self.split is None:
+            byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            if not self.digits:
+                return byte_level
+            return pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level]
+            )
+        steps: list[pre_tokenizers.PreTokenizer] = [
+            pre_tokenizers.Split(Regex(self.split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+        if self.digits:
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+        return pre_tokenizers.Sequence(steps)
+
+
+_GPT2 = _PreTokenizer()
+_STARCODER = _PreTokenizer(digits=True)
+_LLAMA3 = _PreTokenizer(_LLAMA3_SPLIT, ignore_merges=True, add_bos=True)
+_QWEN2 = _PreTokenizer(_QWEN2_SPLIT)
+_GPT4O = _PreTokenizer(_GPT4O_SPLIT)
+
+# ``tokenizer.ggml.pre`` -> split rule; names grouped as llama.cpp groups them (llama-vocab.cpp).
+_PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
+    # llama.cpp's "default" is a rough guess for files that predate the key; GPT-2's split is what
+    # transformers uses for them, and the closer of the two to most such vocabularies.
+    "default": _GPT2,
+    "gpt-2": _GPT2,
+    "phi-2": _GPT2,
+    "mpt": _GPT2,
+    "olmo": _GPT2,
+    "jais": _GPT2,
+    "trillion": _GPT2,
+    "granite-docling": _GPT2,
+    "exaone4": _GPT2,
+    "smollm": _STARCODER,
+    "starcoder": _STARCODER,
+    "refact": _STARCODER,
+    "command-r": _STARCODER,
+    "codeshell": _STARCODER,
+    "exaone": _STARCODER,
+    "minerva-7b": _STARCODER,
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
+    "llama-bpe": _LLAMA3,
+    "falcon3": _LLAMA3,
+    "falcon-h1": _LLAMA3,
+    "pixtral": _LLAMA3,
+    "midm-2.0": _LLAMA3,
+    "lfm2": _LLAMA3,
+    "jina-v5-nano": _LLAMA3,
+    "dbrx": _PreTokenizer(_LLAMA3_SPLIT),
+    "smaug-bpe": _PreTokenizer(_LLAMA3_SPLIT),
+    "qwen2": _QWEN2,
+    "deepseek-r1-qwen": _QWEN2,
+    "kormo": _QWEN2,
+    "f2llmv2": _QWEN2,
+    "megrez": _QWEN2,
+    "stablelm2": _QWEN2,
+    "qwen35": _PreTokenizer(_QWEN35_SPLIT),
+    "tekken": _PreTokenizer(_TEKKEN_SPLIT, ignore_merges=True, add_bos=True),
+    "gpt-4o": _GPT4O,
+    "llama4": _GPT4O,
+    "kanana2": _GPT4O,
+    "talkie": _GPT4O,
+    "minimax-m2": _GPT4O,
+}
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte: byte-level BPE vocabularies are written in it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    spelling = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in spelling:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+# -- pipelines
+
+
+def _byte_level_backend(tokens: list[str], merges: list[tuple[str, str]], pre: str) -> _Backend:
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    # A few converters store tokens as text rather than in the byte alphabet; respell those.
+    vocab = {
+        tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
+        for i, tok in enumerate(tokens)
+    }
+    rule = _PRE_TOKENIZERS[pre]
+    backend = _Backend(
+        _bpe(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            ignore_merges=rule.ignore_merges,
+        )
+    )
+    backend.pre_tokenizer = rule.build()
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_backend(
+    tokens: list[str], merges: list[tuple[str, str]], *, add_space_prefix: bool, phi3: bool
+) -> _Backend:
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = _Backend(
+        _bpe(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None)
+    )
+    if phi3:
+        # Phi-3 writes its prefix space with a normalizer: "  hi" -> "▁▁▁hi", where Metaspace
+        # would give "▁▁hi".
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend(_SPIECE_SPACE), normalizers.Replace(" ", _SPIECE_SPACE)]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=_SPIECE_SPACE,
+            prepend_scheme="first" if add_space_prefix else "never",
+            split=False,
+        )
+    steps = [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def _bpe(**options: Any) -> models.BPE:
+    """tokenizers' BPE model; a vocabulary it refuses (a merge of tokens it does not hold) is
+    the file's mistake, said as one."""
+    try:
+        return models.BPE(**options)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise InvalidInputError(f"the GGUF vocabulary is inconsistent: {e}") from None
+
+
+def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """The BPE merges a sentencepiece vocabulary implies: every split of a token into two tokens,
+    best score first; ties go to the longer left part, then the longer right part, then file
+    order (the order transformers' converter gives them)."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    candidates = [
+        (tok[:k], tok[k:], score)
+        for tok, score in dict(zip(tokens, scores, strict=True)).items()
+        for k in range(1, len(tok))
+        if tok[:k] in vocab and tok[k:] in vocab
+    ]
+    candidates.sort(key=lambda p: (p[2], len(p[0]), len(p[1])), reverse=True)  # stable
+    return [(left, right) for left, right, _ in candidates]
+
+
+def _parse_merges(merges: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for merge in merges:
+        parts = str(merge).split(" ")
+        if len(parts) != 2:
+            raise InvalidInputError(f"malformed GGUF merge {merge!r}: expected two tokens")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``Tokenizer`` arguments a GGUF file's metadata describes (all its key/value fields,
+    decoded): the rebuilt ``tokenizers`` pipeline, the named special tokens and the flags.
+
+    Raises:
+        ValueError: no or an unsupported ``tokenizer.ggml.model`` (supported: "gpt2",
+            "llama") or ``tokenizer.ggml.pre``; missing or inconsistent vocabulary arrays.
+    """
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind is None:
+        raise InvalidInputError("GGUF metadata has no tokenizer (no tokenizer.ggml.model)")
+    kind = _as_str(kind)
+    arch = _as_str(metadata.get("general.architecture", ""))
+    if kind not in ("gpt2", "llama"):
+        raise InvalidInputError(
+            f"unsupported GGUF tokenizer model {kind!r}; supported: 'gpt2' (byte-level BPE) "
+            "and 'llama' (sentencepiece)"
+        )
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise InvalidInputError("GGUF metadata has no tokenizer.ggml.tokens")
+    tokens = [_as_str(t) for t in metadata["tokenizer.ggml.tokens"]]
+    # Without types every token is an ordinary one.
+    types = [int(t) for t in metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)]
+    if len(types) != len(tokens):
+        raise InvalidInputError(
+            f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+    merges = metadata.get("tokenizer.ggml.merges")
+
+    def flag(key: str, default: bool) -> bool:
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        return default if value is None else bool(value)
+
+    if kind == "gpt2":
+        pre = _as_str(metadata.get("tokenizer.ggml.pre") or "default")
+        if pre not in _PRE_TOKENIZERS:
+            raise InvalidInputError(
+                f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre); "
+                f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}"
+            )
+        if merges is None:
+            raise InvalidInputError(
+                "a byte-level (gpt2) GGUF vocabulary needs tokenizer.ggml.merges"
+            )
+        backend = _byte_level_backend(tokens, _parse_merges(merges), pre)
+        add_bos = flag("add_bos_token", _PRE_TOKENIZERS[pre].add_bos)
+        alphabet = set(_byte_alphabet().values())
+        # A "control" token spelled outside the byte alphabet is a converter mislabel (it
+        # would get a new id past the model's vocabulary), so it stays an ordinary token.
+        control_ok: Callable[[str], bool] = lambda tok: set(tok) <= alphabet  # noqa: E731
+    else:
+        # llama.cpp has no pre-tokenizers for sentencepiece vocabularies; a stray
+        # tokenizer.ggml.pre is ignored, as it does.
+        if arch.startswith("gemma"):
+            raise InvalidInputError(
+                f"unsupported GGUF tokenizer: sentencepiece vocabulary of architecture {arch!r}"
+            )
+        if merges is not None:
+            pairs = _parse_merges(merges)
+        else:
+            scores = metadata.get("tokenizer.ggml.scores")
+            if scores is None or len(scores) != len(tokens):
+                raise InvalidInputError(
+                    "a sentencepiece (llama) GGUF vocabulary needs tokenizer.ggml.scores "
+                    "(one per token) or tokenizer.ggml.merges"
+                )
+            pairs = _merges_from_scores(tokens, [float(s) for s in scores])
+        backend = _sentencepiece_backend(
+            tokens,
+            pairs,
+            add_space_prefix=flag("add_space_prefix", True),
+            phi3=arch == "phi3",
+        )
+        add_bos = flag("add_bos_token", True)
+        control_ok = lambda tok: True  # noqa: E731
+
+    control = [
+        AddedToken(tok, normalized=False, special=True)
+        for tok, t in zip(tokens, types, strict=True)
+        if t == _CONTROL and control_ok(tok)
+    ]
+    if control:
+        backend.add_special_tokens(control)
+    user = [
+        AddedToken(tok, normalized=False, special=False)
+        for tok, t in zip(tokens, types, strict=True)
+        if t == _USER_DEFINED
+    ]
+    if user:
+        backend.add_tokens(user)
+
+    def token(key: str) -> str | None:
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        return tokens[int(value)] if value is not None and 0 <= int(value) < len(tokens) else None
+
+    named = {
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+    }
+    # The model's named special tokens are special even when the file types them otherwise.
+    added = {t.content for t in backend.get_added_tokens_decoder().values()}
+    missing = [t for t in named.values() if t is not None and t not in added]
+    if missing:
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in missing])
+    context = metadata.get(f"{arch}.context_length")
+    template = metadata.get("tokenizer.chat_template")
+    return dict(
+        backend=backend,
+        **named,
+        add_bos=add_bos,
+        add_eos=flag("add_eos_token", False),
+        chat_template=None if template is None else _as_str(template),
+        model_max_length=None if context is None else int(context),
+        vocab_size=len(tokens),
+    )
+
+
+__all__ = ["tokenizer_options"]
