@@ -268,13 +268,7 @@ class _Run:
         self.base_hash = _weights_hash(model)
         torch.manual_seed(config.seed)  # LoRA's initialisation must not depend on loading
         if config.lora:
-            apply_lora(
-                model,
-                targets=config.lora_targets,
-                rank=config.lora_rank,
-                alpha=config.lora_alpha,
-                dropout=config.lora_dropout,
-            )
+            _apply_lora(model, config)
         else:
             model.requires_grad_(True)
         # Every process initialised the same adapters; from here on (dropout) their draws differ.
@@ -549,13 +543,7 @@ class _Run:
             if env.is_main:
                 model = load_model(config.model, dtype=torch.float32)
                 if config.lora:
-                    apply_lora(
-                        model,
-                        targets=config.lora_targets,
-                        rank=config.lora_rank,
-                        alpha=config.lora_alpha,
-                        dropout=config.lora_dropout,
-                    )
+                    _apply_lora(model, config)
                 model.load_state_dict(full, strict=True)
         model_dir = adapter_dir = None
         if env.is_main:
@@ -578,6 +566,17 @@ class _Run:
         else:
             model_dir = self.out / MODEL_DIR
         return model_dir, adapter_dir
+
+
+def _apply_lora(model: TransformerDecoder, config: FinetuneConfig) -> None:
+    """The run's LoRA adapters on ``model``."""
+    apply_lora(
+        model,
+        targets=config.lora_targets,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+    )
 
 
 def _weights_hash(model: nn.Module) -> str:
