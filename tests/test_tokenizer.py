@@ -376,7 +376,7 @@ def _transformers_pre_splits() -> dict[str, str]:
 def test_pre_tokenizer_table_covers_transformers() -> None:
     for name, split in _transformers_pre_splits().items():
         assert name in _PRE_TOKENIZERS, name
-        assert _PRE_TOKENIZERS[name].split == split, name
+        assert _PRE_TOKENIZERS[name].splits == (split,), name
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "qwen2", "qwen35", "gpt-4o", "llama-bpe", "tekken"])
@@ -405,6 +405,23 @@ def test_other_pre_tokenizers_match_transformers(
     first = Tokenizer.from_gguf_metadata({**silent, "tokenizer.ggml.pre": pre}).encode("x")[0]
     # llama.cpp adds BOS for llama3/tekken vocabularies when the file does not say
     assert (first == ours.bos_id) == (pre in ("llama-bpe", "tekken"))
+
+
+def test_special_tokens_are_the_ids_the_file_names(metadata: dict[str, Any]) -> None:
+    """A vocabulary may spell two ids alike (deepseek's spells its BOS at 32013 and 32259): BOS
+    and EOS are the ids the file names, as llama.cpp takes them, not their text's last id."""
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    bos = metadata["tokenizer.ggml.bos_token_id"]
+    twin = len(tokens)  # the BOS text again, after the vocabulary
+    duplicated = {
+        **metadata,
+        "tokenizer.ggml.tokens": [*tokens, tokens[bos]],
+        "tokenizer.ggml.token_type": [*metadata["tokenizer.ggml.token_type"], 3],
+        "tokenizer.ggml.add_bos_token": True,
+    }
+    ours = Tokenizer.from_gguf_metadata(duplicated)
+    assert ours.bos_id == bos and ours.encode("hi")[0] == bos
+    assert ours.decode([twin]) == tokens[bos]  # the twin is still a token of its own
 
 
 # --------------------------------------------------------------------------- chat templates
@@ -958,7 +975,7 @@ def test_unsupported_tokenizer_model(metadata: dict[str, Any], model: str) -> No
         Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.model": model})
 
 
-@pytest.mark.parametrize("pre", ["deepseek-llm", "chameleon", "no-such-pre"])
+@pytest.mark.parametrize("pre", ["deepseek-v3", "chameleon", "no-such-pre"])
 def test_unsupported_pre_tokenizer(metadata: dict[str, Any], pre: str) -> None:
     with pytest.raises(ValueError, match=re.escape(repr(pre))):
         Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.pre": pre})

@@ -54,24 +54,49 @@ _GPT4O_SPLIT = (
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# llama.cpp's rules of several regexes, each cutting the pieces the previous one left
+# (llama-vocab.cpp); the letter and punctuation ranges are theirs, character for character.
+_DEEPSEEK_LLM_SPLITS = (
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-\ud7ff]+",
+    "\\p{N}+",
+)
+_DEEPSEEK_CODER_SPLITS = (
+    "[\r\n]",
+    "\\s?\\p{L}+",
+    "\\s?\\p{P}+",
+    "[一-龥ࠀ-一가-\ud7ff]+",
+    "\\p{N}",
+)
+_FALCON_SPLITS = (
+    "[\\p{P}\\$\\+<=>\\^~\\|`]+",
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
+    "[0-9][0-9][0-9]",
+)
+
 
 @dataclass(frozen=True)
 class _PreTokenizer:
     """How one family of byte-level vocabularies cuts text before BPE.
 
-    ``split`` is the regex of the cut; None means GPT-2's, which ``ByteLevel`` applies itself.
-    ``digits`` isolates every numeric character first (llama.cpp's extra ``\\p{N}`` pass).
+    ``splits`` are the regexes of the cut, applied in turn, each isolating its matches within
+    the pieces the previous ones left (llama.cpp's ``unicode_regex_split``); none means GPT-2's,
+    which ``ByteLevel`` applies itself. ``digits`` isolates every numeric character first
+    (llama.cpp's extra ``\\p{N}`` pass).
     ``ignore_merges`` and ``add_bos`` are the flags llama.cpp sets for the name; ``add_bos`` is
     only the default for files without ``tokenizer.ggml.add_bos_token``.
     """
 
-    split: str | None = None
+    splits: tuple[str, ...] = ()
     digits: bool = False
     ignore_merges: bool = False
     add_bos: bool = False
 
     def build(self) -> pre_tokenizers.PreTokenizer:
-        if self.split is None:
+        if not self.splits:
             byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
             if not self.digits:
                 return byte_level
@@ -79,7 +104,7 @@ class _PreTokenizer:
                 [pre_tokenizers.Digits(individual_digits=True), byte_level]
             )
         steps: list[pre_tokenizers.PreTokenizer] = [
-            pre_tokenizers.Split(Regex(self.split), behavior="isolated"),
+            *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in self.splits),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
         if self.digits:
@@ -89,9 +114,9 @@ class _PreTokenizer:
 
 _GPT2 = _PreTokenizer()
 _STARCODER = _PreTokenizer(digits=True)
-_LLAMA3 = _PreTokenizer(_LLAMA3_SPLIT, ignore_merges=True, add_bos=True)
-_QWEN2 = _PreTokenizer(_QWEN2_SPLIT)
-_GPT4O = _PreTokenizer(_GPT4O_SPLIT)
+_LLAMA3 = _PreTokenizer((_LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
+_QWEN2 = _PreTokenizer((_QWEN2_SPLIT,))
+_GPT4O = _PreTokenizer((_GPT4O_SPLIT,))
 
 # ``tokenizer.ggml.pre`` -> split rule; names grouped as llama.cpp groups them (llama-vocab.cpp).
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
@@ -122,16 +147,19 @@ _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "midm-2.0": _LLAMA3,
     "lfm2": _LLAMA3,
     "jina-v5-nano": _LLAMA3,
-    "dbrx": _PreTokenizer(_LLAMA3_SPLIT),
-    "smaug-bpe": _PreTokenizer(_LLAMA3_SPLIT),
+    "dbrx": _PreTokenizer((_LLAMA3_SPLIT,)),
+    "smaug-bpe": _PreTokenizer((_LLAMA3_SPLIT,)),
     "qwen2": _QWEN2,
     "deepseek-r1-qwen": _QWEN2,
     "kormo": _QWEN2,
     "f2llmv2": _QWEN2,
     "megrez": _QWEN2,
     "stablelm2": _QWEN2,
-    "qwen35": _PreTokenizer(_QWEN35_SPLIT),
-    "tekken": _PreTokenizer(_TEKKEN_SPLIT, ignore_merges=True, add_bos=True),
+    "qwen35": _PreTokenizer((_QWEN35_SPLIT,)),
+    "tekken": _PreTokenizer((_TEKKEN_SPLIT,), ignore_merges=True, add_bos=True),
+    "deepseek-llm": _PreTokenizer(_DEEPSEEK_LLM_SPLITS),
+    "deepseek-coder": _PreTokenizer(_DEEPSEEK_CODER_SPLITS),
+    "falcon": _PreTokenizer(_FALCON_SPLITS),
     "gpt-4o": _GPT4O,
     "llama4": _GPT4O,
     "kanana2": _GPT4O,
@@ -337,16 +365,18 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if user:
         backend.add_tokens(user)
 
-    def token(key: str) -> str | None:
+    def token_id(key: str) -> int | None:
         value = metadata.get(f"tokenizer.ggml.{key}")
-        return tokens[int(value)] if value is not None and 0 <= int(value) < len(tokens) else None
+        return value if isinstance(value, int) and 0 <= value < len(tokens) else None
 
-    named = {
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "pad_token": token("padding_token_id"),
+    # The file names its special tokens by id: a vocabulary may spell two ids alike.
+    ids = {
+        "bos_token": token_id("bos_token_id"),
+        "eos_token": token_id("eos_token_id"),
+        "unk_token": token_id("unknown_token_id"),
+        "pad_token": token_id("padding_token_id"),
     }
+    named = {key: None if i is None else tokens[i] for key, i in ids.items()}
     # The model's named special tokens are special even when the file types them otherwise.
     added = {t.content for t in backend.get_added_tokens_decoder().values()}
     missing = [t for t in named.values() if t is not None and t not in added]
@@ -357,6 +387,7 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return dict(
         backend=backend,
         **named,
+        special_ids={key: i for key, i in ids.items() if i is not None},
         add_bos=add_bos,
         add_eos=flag("add_eos_token", False),
         chat_template=None if template is None else _as_str(template),

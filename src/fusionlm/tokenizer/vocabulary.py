@@ -84,6 +84,7 @@ class Tokenizer:
         extra_stop_ids: Sequence[int] = (),
         model_max_length: int | None = None,
         vocab_size: int | None = None,
+        special_ids: Mapping[str, int] | None = None,
     ) -> None:
         """Wrap a ``tokenizers.Tokenizer``.
 
@@ -98,8 +99,12 @@ class Tokenizer:
             extra_stop_ids: ids that also end a generation (``generation_config.json``).
             model_max_length: the longest input the model takes, if known (saved, not enforced).
             vocab_size: the model's vocabulary size, if the backend might under-count it.
+            special_ids: the ids of ``bos_token`` and the others where known (a GGUF file
+                names them by id, and a vocabulary may spell two ids alike); else each is its
+                text's id.
         """
         self._backend = backend
+        self._special_ids = dict(special_ids or {})
         self._tokens: dict[str, str | None] = {
             "bos_token": bos_token,
             "eos_token": eos_token,
@@ -130,7 +135,9 @@ class Tokenizer:
 
     def _id_of(self, key: str) -> int | None:
         text = self._tokens[key]
-        return None if text is None else self._backend.token_to_id(text)
+        if text is None:
+            return None
+        return self._special_ids.get(key, self._backend.token_to_id(text))
 
     def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
         bos, eos = self._tokens["bos_token"], self._tokens["eos_token"]
