@@ -211,28 +211,23 @@ def _byte_level_backend(tokens: list[str], merges: list[tuple[str, str]], pre: s
 
 
 def _sentencepiece_backend(
-    tokens: list[str], merges: list[tuple[str, str]], *, add_space_prefix: bool, phi3: bool
+    tokens: list[str], merges: list[tuple[str, str]], *, add_space_prefix: bool
 ) -> _Backend:
     vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = _Backend(
         _bpe(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None)
     )
-    if phi3:
-        # Phi-3 writes its prefix space with a normalizer: "  hi" -> "▁▁▁hi", where Metaspace
-        # would give "▁▁hi".
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.Prepend(_SPIECE_SPACE), normalizers.Replace(" ", _SPIECE_SPACE)]
-        )
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement=_SPIECE_SPACE,
-            prepend_scheme="first" if add_space_prefix else "never",
-            split=False,
-        )
-    steps = [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    # llama.cpp writes a space before the text, and again after every special token
+    # (add_space_prefix), then every space as "▁"; Metaspace would skip the prefix where the
+    # text already starts with a space (" " gives "▁", where llama.cpp has "▁▁").
+    steps = [normalizers.Replace(" ", _SPIECE_SPACE)]
     if add_space_prefix:
-        steps.append(decoders.Strip(" ", 1, 0))
-    backend.decoder = decoders.Sequence(steps)
+        steps.insert(0, normalizers.Prepend(_SPIECE_SPACE))
+    backend.normalizer = normalizers.Sequence(steps)
+    pieces = [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        pieces.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(pieces)
     return backend
 
 
@@ -345,7 +340,6 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
             tokens,
             pairs,
             add_space_prefix=flag("add_space_prefix", True),
-            phi3=arch == "phi3",
         )
         add_bos = flag("add_bos_token", True)
         control_ok = lambda tok: True  # noqa: E731
