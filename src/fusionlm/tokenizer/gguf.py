@@ -71,6 +71,12 @@ _DEEPSEEK_CODER_SPLITS = (
     "[一-龥ࠀ-一가-\ud7ff]+",
     "\\p{N}",
 )
+_DEFAULT_SPLITS = (  # for files without tokenizer.ggml.pre
+    "[\\p{P}\\$\\+<=>\\^~\\|]+",
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
+    "\\p{N}+",
+    "[0-9][0-9][0-9]",
+)
 _FALCON_SPLITS = (
     "[\\p{P}\\$\\+<=>\\^~\\|`]+",
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
@@ -120,9 +126,8 @@ _GPT4O = _PreTokenizer((_GPT4O_SPLIT,))
 
 # ``tokenizer.ggml.pre`` -> split rule; names grouped as llama.cpp groups them (llama-vocab.cpp).
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
-    # llama.cpp's "default" is a rough guess for files that predate the key; GPT-2's split is what
-    # transformers uses for them, and the closer of the two to most such vocabularies.
-    "default": _GPT2,
+    # Files that predate the key: llama.cpp's rule for them (transformers uses GPT-2's).
+    "default": _PreTokenizer(_DEFAULT_SPLITS),
     "gpt-2": _GPT2,
     "phi-2": _GPT2,
     "mpt": _GPT2,
@@ -185,13 +190,19 @@ def _byte_alphabet() -> dict[int, str]:
 # -- pipelines
 
 
-def _byte_level_backend(tokens: list[str], merges: list[tuple[str, str]], pre: str) -> _Backend:
+def _byte_level_backend(
+    tokens: list[str], types: list[int], merges: list[tuple[str, str]], pre: str
+) -> _Backend:
     spelling = _byte_alphabet()
     alphabet = set(spelling.values())
-    # A few converters store tokens as text rather than in the byte alphabet; respell those.
+    # A few converters store tokens as text rather than in the byte alphabet; respell those,
+    # except user-defined tokens (GPT-NeoX's runs of spaces): those are matched as text before
+    # the split, as llama.cpp matches them, so they keep their spelling and their ids.
     vocab = {
-        tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
-        for i, tok in enumerate(tokens)
+        tok
+        if set(tok) <= alphabet or kind == _USER_DEFINED
+        else "".join(spelling[b] for b in tok.encode("utf-8")): i
+        for i, (tok, kind) in enumerate(zip(tokens, types, strict=True))
     }
     rule = _PRE_TOKENIZERS[pre]
     backend = _Backend(
@@ -313,7 +324,7 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
             raise InvalidInputError(
                 "a byte-level (gpt2) GGUF vocabulary needs tokenizer.ggml.merges"
             )
-        backend = _byte_level_backend(tokens, _parse_merges(merges), pre)
+        backend = _byte_level_backend(tokens, types, _parse_merges(merges), pre)
         add_bos = flag("add_bos_token", _PRE_TOKENIZERS[pre].add_bos)
         alphabet = set(_byte_alphabet().values())
         # A "control" token spelled outside the byte alphabet is a converter mislabel (it
