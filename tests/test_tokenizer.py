@@ -407,6 +407,17 @@ def test_other_pre_tokenizers_match_transformers(
     assert (first == ours.bos_id) == (pre in ("llama-bpe", "tekken"))
 
 
+def test_control_looking_tokens_are_special_whatever_their_type(metadata: dict[str, Any]) -> None:
+    """llama.cpp makes end-of-turn and fill-in-the-middle tokens control tokens by their text
+    (qwen2's vocabulary types "</s>" as ordinary text); so does fusionlm."""
+    tokens = metadata["tokenizer.ggml.tokens"]
+    repo = tokens.index("<reponame>")  # a fill-in-the-middle marker of SmolLM2's vocabulary
+    types = list(metadata["tokenizer.ggml.token_type"])
+    types[repo] = 1  # typed as ordinary text
+    ours = Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.token_type": types})
+    assert ours.encode("hi<reponame>x", add_special_tokens=False)[1] == repo
+
+
 def test_special_tokens_are_the_ids_the_file_names(metadata: dict[str, Any]) -> None:
     """A vocabulary may spell two ids alike (deepseek's spells its BOS at 32013 and 32259): BOS
     and EOS are the ids the file names, as llama.cpp takes them, not their text's last id."""

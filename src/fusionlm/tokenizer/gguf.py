@@ -29,6 +29,70 @@ _USER_DEFINED = 4
 
 _SPIECE_SPACE = "\u2581"
 
+# Tokens llama.cpp makes control tokens by their text whatever their type (end of turn or of
+# generation, fill-in-the-middle markers; llama-vocab.cpp), so text spelling them is that token.
+_CONTROL_LOOKING = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "<｜end▁of▁sentence｜>",
+        "<end_of_utterance>",
+        "<|eom_id|>",
+        "<|fim_prefix|>",
+        "<fim-prefix>",
+        "<fim_prefix>",
+        "<｜fim▁begin｜>",
+        "<PRE>",
+        "▁<PRE>",
+        "<|code_prefix|>",
+        "<|prefix|>",
+        "<|fim_suffix|>",
+        "<fim-suffix>",
+        "<fim_suffix>",
+        "<｜fim▁hole｜>",
+        "<SUF>",
+        "▁<SUF>",
+        "<|code_suffix|>",
+        "<|suffix|>",
+        "<|fim_middle|>",
+        "<fim-middle>",
+        "<fim_middle>",
+        "<｜fim▁end｜>",
+        "<MID>",
+        "▁<MID>",
+        "<|code_middle|>",
+        "<|middle|>",
+        "<|fim_pad|>",
+        "<fim-pad>",
+        "<fim_pad>",
+        "<PAD>",
+        "[PAD]",
+        "<|fim_repo|>",
+        "<|repo_name|>",
+        "<fim-repo>",
+        "<REPO>",
+        "<reponame>",
+        "<|file_sep|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
+        "</s>",
+        "[EOS]",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
+        "[e~[",
+    }
+)
+
 # -- pre-tokenizers of byte-level vocabularies ------------------------------------------------
 
 _LLAMA3_SPLIT = (
@@ -358,7 +422,7 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
     control = [
         AddedToken(tok, normalized=False, special=True)
         for tok, t in zip(tokens, types, strict=True)
-        if t == _CONTROL and control_ok(tok)
+        if (t == _CONTROL or tok in _CONTROL_LOOKING) and control_ok(tok)
     ]
     if control:
         backend.add_special_tokens(control)
