@@ -55,3 +55,51 @@ def test_cli_help_and_usage_errors_import_no_torch():
         )
         assert "fusionlm.cli" in modules
         assert "torch" not in modules
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """fusionlm's modules -> the fusionlm modules each imports (anywhere in the file)."""
+    import ast
+    from pathlib import Path
+
+    import fusionlm
+
+    root = Path(fusionlm.__file__).parent.parent
+    graph = {}
+    for path in (root / "fusionlm").rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fusionlm"):
+                imported.add(node.module)
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names if a.name.startswith("fusionlm")}
+        graph[name] = imported - {name}
+    return {name: {m for m in imported if m in graph} for name, imported in graph.items()}
+
+
+def test_dependencies_run_one_way():
+    """No two modules import each other, nor two of fusionlm's top-level parts (packages
+    and modules); ``modules/`` imports only itself and ``errors``."""
+    graph = _import_graph()
+    mutual = {tuple(sorted((a, b))) for a in graph for b in graph[a] if a in graph[b]}
+    assert not mutual
+
+    def part(name: str) -> str:
+        return name.split(".")[1] if "." in name else name
+
+    parts: dict[str, set[str]] = {}
+    for name, imported in graph.items():
+        parts.setdefault(part(name), set()).update(
+            part(m) for m in imported if part(m) != part(name)
+        )
+    assert not {tuple(sorted((a, b))) for a in parts for b in parts[a] if a in parts.get(b, ())}
+    above = {
+        (name, m)
+        for name, imported in graph.items()
+        if name.startswith("fusionlm.modules")
+        for m in imported
+        if not m.startswith(("fusionlm.modules", "fusionlm.errors"))
+    }
+    assert not above
