@@ -21,7 +21,7 @@ from fusionlm.generation import generate
 from fusionlm.inference.quantize import WeightOnlyLinear, linear_weights_in_format, quantize
 from fusionlm.loading import assign_weights, load_model
 from fusionlm.models.llama import llama
-from tests.helpers import make_hf_llama
+from tests.helpers import make_hf_llama, randomize_
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED = [
@@ -47,17 +47,23 @@ def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-def gguf_tensors(model: Any) -> dict[str, torch.Tensor]:
-    """The model's tensors under llama.cpp names, Q/K permuted, as the converter produces them."""
+GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+
+
+def gguf_tensors(model: Any, *, arch: str = "llama") -> dict[str, torch.Tensor]:
+    """The model's tensors under llama.cpp names as the converter produces them: for llama,
+    Q/K permuted for llama.cpp's RoPE; qwen2's as they are."""
     cfg = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        GGUF_ARCHS.get(arch, gguf.MODEL_ARCH.LLAMA), cfg.num_hidden_layers
+    )
     out = {}
     for name, tensor in model.state_dict().items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             tensor = permute(tensor, cfg.num_attention_heads)
-        if name.endswith("k_proj.weight"):
+        if arch == "llama" and name.endswith("k_proj.weight"):
             tensor = permute(tensor, cfg.num_key_value_heads)
         out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor.detach().float()
     return out
@@ -130,7 +136,7 @@ def write_gguf(
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
     writer.add_array("test.floats", [0.5, -1.25])
 
-    tensors: dict[str, Any] = gguf_tensors(model)
+    tensors: dict[str, Any] = gguf_tensors(model, arch=arch)
     if rope["rope_type"] == "llama3":
         tensors["rope_freqs.weight"] = llama3_rope_freqs(rope, head_dim=cfg.head_dim)
     if edit is not None:
@@ -226,6 +232,34 @@ TOKENS = torch.tensor([[1, 5, 9, 30, 2, 77, 41, 3], [4, 4, 8, 15, 16, 23, 42, 95
 )
 def test_f32_file_gives_transformers_logits(tmp_path: Path, overrides: dict[str, Any]) -> None:
     hf, path = tiny(tmp_path, **overrides)
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+    torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
+
+
+def test_qwen2_file_gives_transformers_logits(tmp_path: Path) -> None:
+    """A qwen2 GGUF: Llama's blocks with biases on q, k and v (not o), NeoX RoPE (Q/K rows as
+    transformers has them), keys under ``qwen2.``: our logits are transformers' Qwen2's."""
+    import transformers
+
+    config = transformers.Qwen2Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    config.head_dim = 16  # what write_gguf records as the key length
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    randomize_(hf)
+    path = write_gguf(tmp_path / "qwen2.gguf", hf, arch="qwen2")
+    checkpoint = read_gguf(path, dtype=torch.float32)
+    assert checkpoint.config.attention_bias and checkpoint.config.attention_output_bias is False
     with torch.no_grad():
         expected = hf(TOKENS).logits
     torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)

@@ -47,6 +47,12 @@ __all__ = [
 
 Q = GGMLQuantizationType
 
+ARCHITECTURES = ("llama", "qwen2")
+"""The ``general.architecture`` values read here: Llama's blocks, with Q/K/V biases in qwen2."""
+PERMUTED_QK = ("llama",)
+"""Architectures whose converter interleaves Q and K rows for llama.cpp's RoPE (undone here);
+qwen2's use the NeoX RoPE, transformers' own layout."""
+
 
 # llama.cpp's Llama-3 RoPE scaling: per-frequency divisors, not a learned weight.
 _ROPE_FREQS = "rope_freqs.weight"
@@ -104,7 +110,7 @@ def read_gguf(
     dtype: torch.dtype,
     convert: Callable[[str, StoredTensor], dict[str, Tensor]] | None = None,
 ) -> GGUFCheckpoint:
-    """Read a ``general.architecture = llama`` GGUF file.
+    """Read a GGUF file of one of ``ARCHITECTURES`` (Llama's blocks).
 
     Args:
         path: the ``.gguf`` file.
@@ -139,7 +145,13 @@ def read_gguf(
                 ours = GGUF_LLAMA_KEYS.to_ours(info.name)
                 assert ours is not None  # _check_names
                 loading[ours] = pool.submit(
-                    _read_tensor, buf, info, ours, config=config, convert=convert
+                    _read_tensor,
+                    buf,
+                    info,
+                    ours,
+                    config=config,
+                    permuted=_architecture(header.metadata) in PERMUTED_QK,
+                    convert=convert,
                 )
             state_dict = {k: v for future in loading.values() for k, v in future.result().items()}
     return GGUFCheckpoint(
@@ -352,10 +364,12 @@ def _config(
     metadata: Mapping[str, Any], tensors: Mapping[str, _TensorInfo], *, buf: mmap.mmap, path: Path
 ) -> LlamaConfig:
     arch = _require(metadata, "general.architecture", path)
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise InvalidInputError(
-            f"{path}: unsupported general.architecture {arch!r}; fusionlm reads 'llama' GGUF files"
+            f"{path}: unsupported general.architecture {arch!r}; fusionlm reads "
+            f"{', '.join(repr(a) for a in ARCHITECTURES)} GGUF files"
         )
+    metadata = _as_llama_keys(metadata, arch)
     if metadata.get("llama.expert_count", 0):
         raise InvalidInputError(
             f"{path}: a mixture-of-experts llama (llama.expert_count="
@@ -413,11 +427,26 @@ def _config(
         rope_params=rope_params,
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
+        attention_output_bias="blk.0.attn_output.bias" in tensors,
         mlp_bias="blk.0.ffn_gate.bias" in tensors,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
     )
+
+
+def _architecture(metadata: Mapping[str, Any]) -> Any:
+    return metadata.get("general.architecture")
+
+
+def _as_llama_keys(metadata: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """``metadata`` with the architecture's keys (``qwen2.block_count``) under Llama's names
+    (``llama.block_count``): the architectures read here share Llama's hyperparameters."""
+    prefix = f"{arch}."
+    return {
+        f"llama.{key.removeprefix(prefix)}" if key.startswith(prefix) else key: value
+        for key, value in metadata.items()
+    }
 
 
 def _require(metadata: Mapping[str, Any], key: str, path: Path) -> Any:
@@ -658,6 +687,7 @@ def _read_tensor(
     *,
     config: LlamaConfig | None,
     convert: Callable[[str, StoredTensor], dict[str, Tensor]],
+    permuted: bool = False,
 ) -> dict[str, Tensor]:
     """One tensor of the file under our name, through ``convert``.
 
@@ -670,7 +700,7 @@ def _read_tensor(
     rows = math.prod(info.shape[:-1])
     raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
     raw = raw.view(rows, -1)
-    heads = None if config is None else _permuted_heads(ours, config)
+    heads = _permuted_heads(ours, config) if permuted and config is not None else None
     if heads is not None:
         if len(info.shape) != 2 or rows != heads * config.head_dim:
             raise InvalidInputError(

@@ -41,6 +41,9 @@ class LlamaConfig:
     ``rope_type``/``rope_theta``/``rope_params`` unify transformers 4.x (``rope_theta`` +
     ``rope_scaling``) and 5.x (``rope_parameters``); ``rope_params`` holds the scaling
     parameters (factor, original_max_position_embeddings, ...) without type and theta.
+    ``attention_bias`` puts biases on the q, k, v and output projections (transformers'
+    Llama); ``attention_output_bias`` overrides it for the output projection (False for
+    qwen2, whose biases are on q, k and v only; None: as ``attention_bias``).
     """
 
     vocab_size: int
@@ -57,6 +60,7 @@ class LlamaConfig:
     rope_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_output_bias: bool | None = None
     mlp_bias: bool = False
     hidden_act: str = "silu"
     attention_dropout: float = 0.0
@@ -127,6 +131,11 @@ class LlamaConfig:
     def to_hf(self) -> dict[str, Any]:
         """A transformers 5.x ``config.json`` dict (``rope_parameters`` form)."""
         fields = dataclasses.asdict(self)
+        if fields.pop("attention_output_bias") not in (None, self.attention_bias):
+            raise InvalidInputError(
+                "a transformers Llama has biases on all of q, k, v and o or none; this model "
+                "(qwen2's biases on q, k and v only) has no Llama config.json"
+            )
         rope_params = dict(fields.pop("rope_params"))
         rope_parameters = {
             "rope_type": fields.pop("rope_type"),
@@ -246,7 +255,11 @@ def llama_layer(
         q_proj=nn.Linear(d, h * hd, bias=bias),
         k_proj=nn.Linear(d, h_kv * hd, bias=bias),
         v_proj=nn.Linear(d, h_kv * hd, bias=bias),
-        output_proj=nn.Linear(h * hd, d, bias=bias),
+        output_proj=nn.Linear(
+            h * hd,
+            d,
+            bias=bias if config.attention_output_bias is None else config.attention_output_bias,
+        ),
         pos_embeddings=rope,
         max_seq_len=max_seq_len,
         attn_dropout=config.attention_dropout,
