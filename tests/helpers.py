@@ -437,3 +437,68 @@ def safetensors_readers() -> list:
     from fusionlm.checkpoint.hf import read_config, read_safetensors
 
     return [read_config, lambda directory: read_safetensors(directory, dtype=torch.float32)]
+
+
+# -- tiny GGUF files of each architecture, with the default model's real vocabulary -----------
+
+
+def tiny_gguf(path: Path, *, arch: str, seed: int = 0) -> Path:
+    """A random 2-layer model of ``arch`` ("llama" or "qwen2", biases on q, k and v) as
+    llama.cpp's converter writes it, F32, with SmolLM2's vocabulary (49152 byte-level
+    tokens, its merges, types and special ids): a file llama.cpp loads and runs."""
+    import gguf
+
+    from fusionlm.checkpoint.gguf import read_gguf_metadata
+    from fusionlm.checkpoint.keys import GGUF_LLAMA_KEYS
+    from fusionlm.models.registry import DEFAULT_MODEL, MODELS
+
+    vocab = read_gguf_metadata(MODELS[DEFAULT_MODEL].path())
+    config = dataclasses.replace(
+        CONFIG,
+        vocab_size=len(vocab["tokenizer.ggml.tokens"]),
+        num_hidden_layers=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        attention_bias=arch == "qwen2",
+        attention_output_bias=False if arch == "qwen2" else None,
+    )
+    torch.manual_seed(seed)
+    model = llama(config)
+    randomize_(model, seed=seed)
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    for key, value in vocab.items():
+        if key.startswith("tokenizer.") and key != "tokenizer.chat_template":
+            if isinstance(value, list):
+                writer.add_array(key, value)
+            elif isinstance(value, bool):
+                writer.add_bool(key, value)
+            elif isinstance(value, int):
+                writer.add_uint32(key, value)
+            else:
+                writer.add_string(key, value)
+    for name, tensor in GGUF_LLAMA_KEYS.rename_to_theirs(model.state_dict()).items():
+        heads = {
+            "attn_q.weight": config.num_attention_heads,
+            "attn_k.weight": config.num_key_value_heads,
+        }
+        n_head = next((n for suffix, n in heads.items() if name.endswith(suffix)), None)
+        if arch == "llama" and n_head is not None:  # llama.cpp's row order for its RoPE
+            tensor = (
+                tensor.reshape(n_head, 2, -1, tensor.shape[-1]).swapaxes(1, 2).reshape(tensor.shape)
+            )
+        writer.add_tensor(name, tensor.detach().float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
