@@ -418,6 +418,24 @@ def test_control_looking_tokens_are_special_whatever_their_type(metadata: dict[s
     assert ours.encode("hi<reponame>x", add_special_tokens=False)[1] == repo
 
 
+def test_phi3_special_tokens_eat_the_whitespace_after_them(metadata: dict[str, Any]) -> None:
+    """llama.cpp strips the whitespace after a Phi-3 model's special tokens (but <unk>, <s>
+    and <|endoftext|>), by model name; other models keep it."""
+    phi3 = Tokenizer.from_gguf_metadata({**metadata, "general.name": "Phi3 mini"})
+    other = Tokenizer.from_gguf_metadata(metadata)
+    text = "<|im_start|>  user"
+    assert phi3.encode(text, add_special_tokens=False) == phi3.encode(
+        "<|im_start|>user", add_special_tokens=False
+    )
+    assert other.encode(text, add_special_tokens=False) != phi3.encode(
+        text, add_special_tokens=False
+    )
+    kept = "<|endoftext|> user"  # <|endoftext|> keeps the space after it
+    assert phi3.encode(kept, add_special_tokens=False) == other.encode(
+        kept, add_special_tokens=False
+    )
+
+
 def test_special_tokens_are_the_ids_the_file_names(metadata: dict[str, Any]) -> None:
     """A vocabulary may spell two ids alike (deepseek's spells its BOS at 32013 and 32259): BOS
     and EOS are the ids the file names, as llama.cpp takes them, not their text's last id."""

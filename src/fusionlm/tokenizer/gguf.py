@@ -306,6 +306,16 @@ def _sentencepiece_backend(
     return backend
 
 
+def _rstrip_rule(metadata: Mapping[str, Any]) -> Callable[[str], bool]:
+    """Whether a special token eats the whitespace after it: llama.cpp says so by model name
+    (the file does not), for Phi-3 every special token but ``<unk>``, ``<s>`` and
+    ``<|endoftext|>``."""
+    name = _as_str(metadata.get("general.name") or "").lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return lambda token: False
+    return lambda token: token not in ("<unk>", "<s>", "<|endoftext|>")
+
+
 def _bpe(**options: Any) -> models.BPE:
     """tokenizers' BPE model; a vocabulary it refuses (a merge of tokens it does not hold) is
     the file's mistake, said as one."""
@@ -419,15 +429,16 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
         add_bos = flag("add_bos_token", True)
         control_ok = lambda tok: True  # noqa: E731
 
+    rstrip = _rstrip_rule(metadata)
     control = [
-        AddedToken(tok, normalized=False, special=True)
+        AddedToken(tok, normalized=False, special=True, rstrip=rstrip(tok))
         for tok, t in zip(tokens, types, strict=True)
         if (t == _CONTROL or tok in _CONTROL_LOOKING) and control_ok(tok)
     ]
     if control:
         backend.add_special_tokens(control)
     user = [
-        AddedToken(tok, normalized=False, special=False)
+        AddedToken(tok, normalized=False, special=False, rstrip=rstrip(tok))
         for tok, t in zip(tokens, types, strict=True)
         if t == _USER_DEFINED
     ]
