@@ -9,8 +9,8 @@ llama-cpp-python's source distribution, which ``make peers`` unpacks under
 (``.inp``), hand-picked hard strings (whitespace runs, digits, CJK, emoji, special-token text)
 and ``--random`` generated ones, each tokenized by llama.cpp (``Llama(vocab_only=True)
 .tokenize``, special-token text parsed) and by fusionlm (``Tokenizer.from_gguf_metadata``),
-without and with the BOS/EOS the vocabulary asks for. The table counts identical results; a
-vocabulary fusionlm refuses says why.
+without and with the BOS/EOS the vocabulary asks for, and decoded back by fusionlm.
+The table counts identical results; a vocabulary fusionlm refuses says why.
 """
 
 from __future__ import annotations
@@ -91,6 +91,11 @@ def compare(path: Path, texts: list[str]) -> dict:
                 first = f"{text!r}: llama.cpp {theirs[:12]}, fusionlm {mine[:12]}"
         row["with BOS" if bos else "no BOS"] = same
         row.setdefault("first difference", first)
+    # Decoding is the inverse (llama-cpp-python's detokenize keeps sentencepiece's prefix
+    # space, so it is no reference): fusionlm's decode of its own ids gives the text back.
+    row["round trip"] = sum(
+        ours.decode(ours.encode(text, add_special_tokens=False)) == text for text in texts
+    )
     return row
 
 
@@ -110,9 +115,10 @@ def main() -> int:
         print(f"no ggml-vocab-*.gguf in {args.vocab_dir}: run `make peers` first", file=sys.stderr)
         return 2
     print(
-        "| vocabulary | model/pre | cases | identical, no BOS | identical, with BOS | first difference |"
+        "| vocabulary | model/pre | cases | identical, no BOS | identical, with BOS | "
+        "round trip | first difference |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for path in files:
         inp = path.with_name(path.name + ".inp")
         texts = inp.read_text(encoding="utf-8").split(SEPARATOR)[:-1] if inp.is_file() else []
@@ -120,9 +126,12 @@ def main() -> int:
         texts += random_texts(args.random, random.Random(args.seed))
         row = compare(path, texts)
         if "refused" in row:
-            cells = f"refused | | {row['refused']}"
+            cells = f"refused | | | {row['refused']}"
         else:
-            cells = f"{row['no BOS']} | {row['with BOS']} | {row['first difference'] or ''}"
+            cells = (
+                f"{row['no BOS']} | {row['with BOS']} | {row['round trip']} | "
+                f"{row['first difference'] or ''}"
+            )
         print(f"| {row['vocabulary']} | {row['kind']} | {row['cases']} | {cells} |", flush=True)
     return 0
 
