@@ -436,6 +436,23 @@ def test_phi3_special_tokens_eat_the_whitespace_after_them(metadata: dict[str, A
     )
 
 
+def test_user_defined_characters_decode_as_their_text(metadata: dict[str, Any]) -> None:
+    """deepseek's vocabulary has user-defined single characters ("ü"): matched as text, and
+    decoded as their text, as llama.cpp renders them (the byte-level decoder reads "ü" as
+    the byte 0xFC); streamed alike."""
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    extra = {
+        **metadata,
+        "tokenizer.ggml.tokens": [*tokens, "ü"],
+        "tokenizer.ggml.token_type": [*metadata["tokenizer.ggml.token_type"], 4],
+    }
+    ours = Tokenizer.from_gguf_metadata(extra)
+    ids = ours.encode("aüb", add_special_tokens=False)
+    assert len(tokens) in ids
+    assert ours.decode(ids) == "aüb"
+    assert "".join(_stream(ours, ids)) == "aüb"
+
+
 def test_special_tokens_are_the_ids_the_file_names(metadata: dict[str, Any]) -> None:
     """A vocabulary may spell two ids alike (deepseek's spells its BOS at 32013 and 32259): BOS
     and EOS are the ids the file names, as llama.cpp takes them, not their text's last id."""

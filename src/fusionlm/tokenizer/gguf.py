@@ -444,6 +444,13 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
     ]
     if user:
         backend.add_tokens(user)
+    # User-defined tokens spell text, which the byte-level decoder would read as bytes
+    # (deepseek's "ü" is the byte 0xFC to it): they decode as their text, as in llama.cpp.
+    verbatim = {
+        i: tok
+        for i, (tok, t) in enumerate(zip(tokens, types, strict=True))
+        if kind == "gpt2" and t == _USER_DEFINED and backend.decode([i]) != tok
+    }
 
     def token_id(key: str) -> int | None:
         value = metadata.get(f"tokenizer.ggml.{key}")
@@ -468,6 +475,7 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
         backend=backend,
         **named,
         special_ids={key: i for key, i in ids.items() if i is not None},
+        verbatim=verbatim,
         add_bos=add_bos,
         add_eos=flag("add_eos_token", False),
         chat_template=None if template is None else _as_str(template),

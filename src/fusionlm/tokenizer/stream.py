@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from tokenizers import Tokenizer as _Backend
+
+
+def decode_ids(
+    backend: _Backend,
+    ids: Sequence[int],
+    *,
+    skip_special_tokens: bool,
+    verbatim: Mapping[int, str],
+) -> str:
+    """``backend``'s decode of ``ids``, except that the ids in ``verbatim`` give their text
+    as it is (user-defined tokens of a byte-level vocabulary, such as deepseek's single
+    characters, which the byte-level decoder would read as bytes), as llama.cpp renders them."""
+    if not verbatim or not any(i in verbatim for i in ids):
+        return backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    parts: list[str] = []
+    run: list[int] = []
+    for i in ids:
+        if i in verbatim:
+            parts += [backend.decode(run, skip_special_tokens=skip_special_tokens), verbatim[i]]
+            run = []
+        else:
+            run.append(i)
+    parts.append(backend.decode(run, skip_special_tokens=skip_special_tokens))
+    return "".join(parts)
 
 
 class StreamDecoder:
@@ -26,11 +52,14 @@ class StreamDecoder:
         *,
         skip_special_tokens: bool = False,
         byte_ids: frozenset[int] = frozenset(),
+        verbatim: Mapping[int, str] | None = None,
     ) -> None:
-        """``byte_ids``: ids of ``<0xNN>`` tokens that ``backend``'s decoder turns into raw bytes."""
+        """``byte_ids``: ids of ``<0xNN>`` tokens that ``backend``'s decoder turns into raw
+        bytes; ``verbatim``: tokens decoded as their text (``decode_ids``)."""
         self._backend = backend
         self._skip = skip_special_tokens
         self._byte_ids = byte_ids
+        self._verbatim = dict(verbatim or {})
         self._reset()
 
     def _reset(self) -> None:
@@ -40,7 +69,9 @@ class StreamDecoder:
         self._prefix_text = ""
 
     def _decode(self, ids: list[int]) -> str:
-        return self._backend.decode(ids, skip_special_tokens=self._skip)
+        return decode_ids(
+            self._backend, ids, skip_special_tokens=self._skip, verbatim=self._verbatim
+        )
 
     def push(self, token_id: int) -> str:
         """Add one id; return the new text it completes (often "", never a partial character)."""
@@ -81,4 +112,4 @@ def byte_fallback_ids(backend: _Backend) -> frozenset[int]:
     )
 
 
-__all__ = ["StreamDecoder", "byte_fallback_ids"]
+__all__ = ["StreamDecoder", "byte_fallback_ids", "decode_ids"]

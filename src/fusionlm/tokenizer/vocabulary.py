@@ -17,7 +17,7 @@ from fusionlm.errors import InvalidInputError
 from fusionlm.files import atomic_write_text, read_json_object
 from fusionlm.tokenizer.chat import render_chat_template
 from fusionlm.tokenizer.gguf import tokenizer_options
-from fusionlm.tokenizer.stream import StreamDecoder, byte_fallback_ids
+from fusionlm.tokenizer.stream import StreamDecoder, byte_fallback_ids, decode_ids
 
 # Tokens that end a turn or a generation when the vocabulary has them as special tokens: llama.cpp's
 # end-of-generation ("EOG") list, plus ``</s>``.
@@ -85,6 +85,7 @@ class Tokenizer:
         model_max_length: int | None = None,
         vocab_size: int | None = None,
         special_ids: Mapping[str, int] | None = None,
+        verbatim: Mapping[int, str] | None = None,
     ) -> None:
         """Wrap a ``tokenizers.Tokenizer``.
 
@@ -99,12 +100,15 @@ class Tokenizer:
             extra_stop_ids: ids that also end a generation (``generation_config.json``).
             model_max_length: the longest input the model takes, if known (saved, not enforced).
             vocab_size: the model's vocabulary size, if the backend might under-count it.
+            verbatim: ids decoded as their text rather than through ``backend``'s decoder
+                (user-defined tokens of a byte-level vocabulary that spell characters).
             special_ids: the ids of ``bos_token`` and the others where known (a GGUF file
                 names them by id, and a vocabulary may spell two ids alike); else each is its
                 text's id.
         """
         self._backend = backend
         self._special_ids = dict(special_ids or {})
+        self._verbatim = dict(verbatim or {})
         self._tokens: dict[str, str | None] = {
             "bos_token": bos_token,
             "eos_token": eos_token,
@@ -243,14 +247,22 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """The text of ``ids``; bytes that do not form whole UTF-8 characters become U+FFFD."""
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return decode_ids(
+            self._backend,
+            [int(i) for i in ids],
+            skip_special_tokens=skip_special_tokens,
+            verbatim=self._verbatim,
+        )
 
     def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
         """A decoder fed one id at a time whose outputs concatenate to ``decode(ids)``."""
         if self._byte_ids is None:
             self._byte_ids = byte_fallback_ids(self._backend)
         return StreamDecoder(
-            self._backend, skip_special_tokens=skip_special_tokens, byte_ids=self._byte_ids
+            self._backend,
+            skip_special_tokens=skip_special_tokens,
+            byte_ids=self._byte_ids,
+            verbatim=self._verbatim,
         )
 
     # -- chat --
