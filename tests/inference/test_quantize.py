@@ -159,3 +159,19 @@ def test_bad_weights_are_refused():
         WeightOnlyLinear.from_float(torch.zeros(4, 48), format="int4")
     with pytest.raises(ValueError, match="unknown weight format 'int3'"):
         quantize(tiny(), "int3")
+
+
+def test_a_killed_builds_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):
+    """torch waits forever for the lock a killed kernel build leaves; one older than a build
+    could take is removed (said on stderr), a fresh one (a build running now) kept."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not cpu_kernels.clear_stale_lock(tmp_path) and lock.exists()
+    old = time.time() - cpu_kernels.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert cpu_kernels.clear_stale_lock(tmp_path) and not lock.exists()
+    assert "did not finish" in capsys.readouterr().err
+    assert not cpu_kernels.clear_stale_lock(tmp_path)

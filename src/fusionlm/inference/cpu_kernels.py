@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def load_kernels() -> bool:
     build = kernels / f"{python}-torch{torch.__version__}-{cpu_fingerprint()}"
     try:
         build.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build)
         if not (build / f"{name}.so").is_file():
             print(
                 "fusionlm: building the CPU kernels for this machine once (about 15 s)",
@@ -97,6 +99,24 @@ def load_kernels() -> bool:
     torch.library.register_fake("fusionlm::linear_int4")(_outputs_like)
     torch.library.register_fake("fusionlm::decode_attention")(_attention_output_like)
     torch.library.register_fake("fusionlm::dequantize")(_dequantized_like)
+    return True
+
+
+STALE_LOCK_S = 600.0
+"""A build lock older than this was left by a build that was killed (a build takes 15-60 s)."""
+
+
+def clear_stale_lock(build: Path) -> bool:
+    """Remove the lock file of a kernel build that was killed midway (torch's
+    ``cpp_extension`` waits for it forever otherwise); returns whether there was one."""
+    lock = build / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime < STALE_LOCK_S:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    print(f"fusionlm: removed {lock}, left by a kernel build that did not finish", file=sys.stderr)
     return True
 
 
