@@ -1039,6 +1039,27 @@ def test_missing_tokenizer_metadata(metadata: dict[str, Any]) -> None:
         Tokenizer.from_gguf_metadata(no_merges)
 
 
+@pytest.mark.parametrize(
+    ("pre", "pieces"),
+    [
+        # [\r\n], \s?\p{L}+, \s?\p{P}+, CJK runs, then each \p{N} alone
+        ("deepseek-coder", ["Hello", ",", "Ġworld", "Ġ", "1", "2", "3", "Ċ"]),
+        # then \p{N}+ whole
+        ("deepseek-llm", ["Hello", ",", "Ġworld", "Ġ", "123", "Ċ"]),
+        # punctuation runs, GPT-2's regex (no final \s+), then digits in threes
+        ("falcon", ["Hello", ",", "Ġworld", "Ġ", "123", "Ċ"]),
+    ],
+)
+def test_llama_cpps_rules_of_several_regexes(
+    metadata: dict[str, Any], pre: str, pieces: list[str]
+) -> None:
+    """Each regex cuts the pieces the last one left (llama.cpp's unicode_regex_split); the
+    parity script holds these vocabularies to llama.cpp on every case."""
+    ours = Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.pre": pre})
+    cut = ours._backend.pre_tokenizer.pre_tokenize_str
+    assert [piece for piece, _ in cut("Hello, world 123\n")] == pieces
+
+
 def test_gguf_missing_pre_uses_llama_cpps_default_split(metadata: dict[str, Any]) -> None:
     """A file without tokenizer.ggml.pre is cut by llama.cpp's default rule: punctuation runs
     first, then GPT-2's regex, then digits in threes from the left (benchmarks/
