@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusionlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    naming = argparse.ArgumentParser(add_help=False)  # every command names its model so
+    naming = argparse.ArgumentParser(add_help=False)  # how every command names its model
     naming.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -452,7 +452,7 @@ def _generate_on_server(args: argparse.Namespace, served: ServedModel) -> bool:
     else:
         body["prompt"] = args.prompt
     started = time.perf_counter()
-    first_s, usage, wrote = None, {}, False
+    first_s, usage = None, {}
     try:
         for event in stream(served, "/v1/chat/completions" if chat else "/v1/completions", body):
             usage = event.get("usage") or usage
@@ -462,10 +462,9 @@ def _generate_on_server(args: argparse.Namespace, served: ServedModel) -> bool:
                     first_s = first_s or time.perf_counter() - started
                     sys.stdout.write(text)
                     sys.stdout.flush()
-                    wrote = True
     except (ServerError, OSError) as error:
         busy = isinstance(error, OSError) or error.status in (429, 503)
-        if wrote or not (busy or error.code == "context_length_exceeded"):
+        if first_s is not None or not (busy or error.code == "context_length_exceeded"):
             raise UsageError(f"the server at {served.url}: {error}") from None
         print(
             f"fusionlm: the server at {served.url} cannot take this request ({error}); "

@@ -136,6 +136,7 @@ def read_gguf(
         _check_types(tensors.values(), path=path)
         workers = torch.get_num_threads()
         convert = convert or functools.partial(_dequantized, dtype=dtype)
+        permuted = header.metadata["general.architecture"] in PERMUTED_QK  # checked by _config
 
         with _one_torch_thread(), ThreadPoolExecutor(workers) as pool:
             loading = {}
@@ -150,7 +151,7 @@ def read_gguf(
                     info,
                     ours,
                     config=config,
-                    permuted=_architecture(header.metadata) in PERMUTED_QK,
+                    permuted=permuted,
                     convert=convert,
                 )
             state_dict = {k: v for future in loading.values() for k, v in future.result().items()}
@@ -433,10 +434,6 @@ def _config(
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
     )
-
-
-def _architecture(metadata: Mapping[str, Any]) -> Any:
-    return metadata.get("general.architecture")
 
 
 def _as_llama_keys(metadata: Mapping[str, Any], arch: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionlm.cache import cache_root
+from fusionlm.files import atomic_write_text
 from fusionlm.models.registry import resolve
 
 HEALTH_TIMEOUT_S = 0.5
@@ -58,10 +59,13 @@ class ServerError(Exception):
 
 def model_identity(model: str) -> str:
     """``model``'s resolved path and the version of its weights (size and modification time
-    of the file, or of the newest file of a directory): equal only for the same weights."""
+    of the file, or of each file of a directory): equal only for the same weights."""
     path = resolve(model).resolve()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = []
+    for file in files:
+        stat = file.stat()
+        stats.append((file.name, stat.st_size, stat.st_mtime_ns))
     return json.dumps([str(path), stats])
 
 
@@ -70,9 +74,7 @@ def registered(served: ServedModel) -> Iterator[None]:
     """Record ``served`` for this machine's commands while the block runs."""
     record = _records_dir() / f"{served.pid}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
-    partial = record.with_suffix(".partial")
-    partial.write_text(json.dumps(dataclasses.asdict(served)))
-    partial.replace(record)
+    atomic_write_text(record, json.dumps(dataclasses.asdict(served)))
     try:
         yield
     finally:
@@ -84,8 +86,8 @@ def find_server(model: str, *, dtype: str, quant: str, threads: int | None) -> S
     these settings (``threads`` None: any count), or None. Records of servers that are gone
     are removed."""
     try:
-        weights = model_identity(model)
         records = sorted(_records_dir().glob("*.json"))
+        weights = model_identity(model) if records else None  # no server: no work
     except OSError:
         return None
     for record in records:
