@@ -1,4 +1,4 @@
-"""Peak memory of the loss: CEWithChunkedOutputLoss over chunked logits vs plain cross-entropy.
+"""Peak memory of the loss: plain cross-entropy, CEWithChunkedOutputLoss, LinearCrossEntropyLoss.
 
 Each variant runs in a fresh subprocess: hidden states ``[b, s, d]`` -> output projection ->
 loss -> backward, as at the end of a decoder. Reported: the process's peak RSS above what it
@@ -19,6 +19,12 @@ import resource
 import subprocess
 import sys
 
+VARIANTS = {
+    "plain": "F.cross_entropy",
+    "chunked": "CEWithChunkedOutputLoss",
+    "linear": "LinearCrossEntropyLoss",
+}
+
 
 def _rss_mib() -> float:
     with open("/proc/self/status") as f:
@@ -32,7 +38,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from fusionlm.modules.loss import CEWithChunkedOutputLoss
+    from fusionlm.modules.loss import CEWithChunkedOutputLoss, LinearCrossEntropyLoss
 
     torch.manual_seed(0)
     hidden = torch.randn(args.batch, args.seq, args.dim, requires_grad=True)
@@ -47,9 +53,11 @@ def child(args: argparse.Namespace) -> None:
             loss = F.cross_entropy(
                 logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100
             )
-        else:
+        elif args.variant == "chunked":
             chunks = [output(h) for h in hidden.tensor_split(args.chunks, dim=1)]
             loss = CEWithChunkedOutputLoss(args.chunks)(chunks, labels)
+        else:
+            loss = LinearCrossEntropyLoss()(hidden, labels, weight=output.weight)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"loss": loss.item(), "peak_above_start_mib": peak - before}))
@@ -62,7 +70,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=576)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--child", choices=["plain", "chunked"], dest="variant")
+    parser.add_argument("--child", choices=list(VARIANTS), dest="variant")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--bf16", action="store_true", help="also measure under bf16 autocast")
     args = parser.parse_args()
@@ -70,11 +78,11 @@ def main() -> None:
         child(args)
         return
     shape = f"[{args.batch}, {args.seq}] tokens, d={args.dim}, vocab={args.vocab}"
-    print(f"loss + backward over {shape}; {args.chunks} chunks")
-    print(f"{'dtype':<6} {'variant':<22} {'peak above start (MiB)':>24} {'loss':>10}")
+    print(f"loss + backward over {shape}; CEWithChunkedOutputLoss over {args.chunks} chunks")
+    print(f"{'dtype':<6} {'variant':<24} {'peak above start (MiB)':>24} {'loss':>10}")
     base = [sys.executable, __file__, *(a for a in sys.argv[1:] if a != "--bf16")]
     for dtype in ("fp32", "bf16") if args.bf16 else ("fp32",):
-        for variant in ("plain", "chunked"):
+        for variant, name in VARIANTS.items():
             out = subprocess.run(
                 [*base, "--child", variant, "--dtype", dtype],
                 capture_output=True,
@@ -82,9 +90,8 @@ def main() -> None:
                 check=True,
             )
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            name = "F.cross_entropy" if variant == "plain" else "CEWithChunkedOutputLoss"
             print(
-                f"{dtype:<6} {name:<22} {result['peak_above_start_mib']:>24.0f} {result['loss']:>10.5f}"
+                f"{dtype:<6} {name:<24} {result['peak_above_start_mib']:>24.0f} {result['loss']:>10.5f}"
             )
 
 

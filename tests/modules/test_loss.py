@@ -1,4 +1,6 @@
-"""CEWithChunkedOutputLoss: equal to plain cross-entropy, with and without chunked logits."""
+"""The training losses: equal to plain cross-entropy over the whole logits, and so are their
+gradients (CEWithChunkedOutputLoss over chunked logits; LinearCrossEntropyLoss fused with the
+output projection)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionlm.modules.loss import CEWithChunkedOutputLoss
+from fusionlm.modules.loss import CEWithChunkedOutputLoss, LinearCrossEntropyLoss
 
 
 def _labels(b: int, s: int, v: int) -> torch.Tensor:
@@ -65,3 +67,62 @@ def test_no_labelled_token_gives_zero_and_wrong_chunking_is_refused():
         loss_fn([torch.randn(1, 4, 5)], torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="num_output_chunks must be >= 1"):
         CEWithChunkedOutputLoss(0)
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 1, 5, 256])
+def test_linear_loss_and_its_gradients_equal_projecting_first(chunk_tokens):
+    b, s, d, v = 2, 37, 16, 101
+    hidden = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, dtype=torch.float64, requires_grad=True)
+    labels = _labels(b, s, v)
+    expected = F.cross_entropy((hidden @ weight.T).reshape(-1, v), labels.reshape(-1))
+    expected_grads = torch.autograd.grad(expected * 3, (hidden, weight))
+    loss = LinearCrossEntropyLoss(chunk_tokens=chunk_tokens)(hidden, labels, weight=weight)
+    grads = torch.autograd.grad(loss * 3, (hidden, weight))  # backward scales by its input
+    assert abs(loss.item() - expected.item()) < 1e-12
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    frozen = weight.detach()  # a frozen output matrix gets no gradient computed
+    (only_hidden,) = torch.autograd.grad(
+        LinearCrossEntropyLoss(chunk_tokens=chunk_tokens)(hidden, labels, weight=frozen) * 3,
+        (hidden,),
+    )
+    torch.testing.assert_close(only_hidden, expected_grads[0], atol=1e-12, rtol=0)
+
+
+def test_linear_loss_under_autocast_matches_a_bf16_projection():
+    hidden, weight = torch.randn(1, 24, 32), torch.randn(50, 32)
+    labels = _labels(1, 24, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LinearCrossEntropyLoss(chunk_tokens=8)(hidden, labels, weight=weight)
+        logits = F.linear(hidden, weight)  # bf16, as nn.Linear computes it under autocast
+    expected = F.cross_entropy(logits.float().reshape(-1, 50), labels.reshape(-1))
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) < 1e-5
+
+
+def test_model_skipping_its_output_layer_pairs_with_the_linear_loss(hf_llama_dir):
+    import fusionlm
+
+    model = fusionlm.load_model(hf_llama_dir[0])
+    tokens, labels = torch.randint(0, 96, (2, 20)), torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        plain = F.cross_entropy(model(tokens).reshape(-1, 96), labels.reshape(-1))
+        model.skip_output_layer = True
+        hidden = model(tokens)
+        loss_fn = LinearCrossEntropyLoss()
+        loss_fn.set_model_output(model)
+        assert hidden.shape == (2, 20, model.layers[0].attn.q_proj.in_features)
+        assert abs(loss_fn(hidden, labels).item() - plain.item()) < 1e-5
+
+
+def test_linear_loss_refuses_shapes_that_do_not_fit():
+    loss_fn = LinearCrossEntropyLoss()
+    with pytest.raises(RuntimeError, match="set_model_output"):
+        loss_fn(torch.randn(1, 4, 8), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="do not fit"):
+        loss_fn(torch.randn(1, 4, 8), torch.zeros(1, 5, dtype=torch.long), weight=torch.randn(9, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        loss_fn(torch.randn(1, 4, 8), torch.zeros(1, 4, dtype=torch.long), weight=torch.randn(9, 7))
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 0"):
+        LinearCrossEntropyLoss(chunk_tokens=-1)

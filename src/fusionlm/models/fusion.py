@@ -129,6 +129,7 @@ def fuse_decoder(
         output_hidden_states=decoder.output_hidden_states,
     )
     fused.num_output_chunks = decoder.num_output_chunks
+    fused.skip_output_layer = decoder.skip_output_layer
     return fused
 
 

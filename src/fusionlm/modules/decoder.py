@@ -91,6 +91,9 @@ class TransformerDecoder(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_output_chunks = 0
+        # True: forward returns the normed hidden states [b, s, d] in place of logits, for a
+        # loss that applies the output projection itself (LinearCrossEntropyLoss).
+        self.skip_output_layer = False
         self.output_hidden_states = list(output_hidden_states or [])
         bad = [i for i in self.output_hidden_states if not 0 <= i < len(self.layers)]
         if bad:
@@ -237,7 +240,8 @@ class TransformerDecoder(nn.Module):
                 zero rows cost fusionlm's matvec kernels nothing).
 
         Returns:
-            ``[b, s, v]`` logits; a list of ``num_output_chunks`` chunks if chunking is set; with
+            ``[b, s, v]`` logits; a list of ``num_output_chunks`` chunks if chunking is set; the
+            normed hidden states ``[b, s, d]`` if ``skip_output_layer`` is set; with
             ``output_hidden_states``, the requested ``[b, s, d]`` states followed by the logits.
 
         Raises:
@@ -286,7 +290,12 @@ class TransformerDecoder(nn.Module):
         if logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         h = self.norm(h)
-        output = self.chunked_output(h) if self.num_output_chunks > 0 else self.output(h)
+        if self.skip_output_layer:
+            output = h
+        elif self.num_output_chunks > 0:
+            output = self.chunked_output(h)
+        else:
+            output = self.output(h)
         return [*hidden, output] if hidden else output
 
     def _check_tokens(self, tokens: Tensor) -> tuple[int, int]:
