@@ -1,16 +1,23 @@
 """Fine-tuning throughput and peak memory: fusionlm vs transformers on the default model.
 
-One run measures four loops over identical random token rows (sequence 512 by default), each
-in a fresh subprocess so its peak RSS is its own (model, gradients, optimizer state and
-activations; the loading phase peaks far lower): fusionlm full fine-tuning, fusionlm LoRA,
-transformers full fine-tuning, and transformers + PEFT LoRA (skipped without ``peft``). Every
-loop is the same: forward, mean token cross-entropy, backward, AdamW step, in fp32. fusionlm
-uses its chunked loss (``num_output_chunks=8``); transformers computes its loss from whole logits.
-Throughput is from the median step time (and the best step, which is what an idle machine
-gives: on a shared CPU, other processes stretch some steps).
+Every loop is the same: forward, mean token cross-entropy, backward, AdamW step (fused, as
+transformers' Trainer uses by default), over identical random token rows, each loop in a fresh
+subprocess so that its peak RSS is its own (model, gradients, optimizer state, activations).
 
-    python benchmarks/finetune_throughput.py                 # seq 512, batch 1, 2 + 5 steps
-    python benchmarks/finetune_throughput.py --steps 8 --bf16
+- ``fusionlm``: what ``fusionlm finetune`` runs by default: bf16 autocast where the CPU
+  multiplies bf16 natively (LoRA's frozen weights held in bf16), compiled decoder layers
+  (the first step compiles; it is a warm-up step), and the output projection fused with the
+  loss (``LinearCrossEntropyLoss``).
+- ``transformers``: transformers' model (SDPA attention) in fp32, its default.
+- ``transformers-bf16``: the same under bf16 autocast, the like-for-like reference.
+
+Each is run in full and LoRA fine-tuning (r=8 on q and v; PEFT for transformers), at one row
+of 512 tokens and at 4 rows of 512 (full rows, as packing makes them, causal attention), over
+interleaved rounds: this machine's speed drifts by tens of percent over minutes, so ratios
+are taken within a round. Throughput is from the median timed step.
+
+    python benchmarks/finetune_throughput.py                      # 2 rounds, 2 warm-up + 5 steps
+    python benchmarks/finetune_throughput.py --rounds 1 --shapes 1x512 --modes lora
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("fusionlm-full", "fusionlm-lora", "transformers-full", "transformers-lora")
+SYSTEMS = ("fusionlm", "transformers", "transformers-bf16")
+MODES = ("full", "lora")
 LORA = {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
 
 
@@ -33,17 +41,28 @@ def child(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    rows = torch.randint(0, 49152, (args.warmup + args.steps, args.batch, args.seq + 1))
-    if args.variant.startswith("fusionlm"):
+    batch, seq = (int(n) for n in args.shape.split("x"))
+    rows = torch.randint(0, 49152, (args.warmup + args.steps, batch, seq + 1))
+    bf16 = args.system == "transformers-bf16"
+    if args.system == "fusionlm":
         import fusionlm
         from fusionlm.modules.lora import apply_lora
-        from fusionlm.modules.loss import CEWithChunkedOutputLoss
+        from fusionlm.modules.loss import LinearCrossEntropyLoss
+        from fusionlm.training.compiled import compile_layers
+        from fusionlm.training.precision import hold_frozen_in_bf16, native_bf16
 
         model = fusionlm.load_model(args.model_dir).train()
-        if args.variant.endswith("lora"):
+        if args.mode == "lora":
             apply_lora(model, targets=LORA["targets"], rank=LORA["rank"], alpha=LORA["alpha"])
-        model.set_num_output_chunks(8)
-        loss_fn = CEWithChunkedOutputLoss(8)
+        else:
+            model.requires_grad_(True)
+        bf16 = native_bf16(torch.device("cpu"))
+        if bf16:
+            hold_frozen_in_bf16(model)
+        compile_layers(model)
+        model.skip_output_layer = True
+        loss_fn = LinearCrossEntropyLoss()
+        loss_fn.set_model_output(model)
 
         def loss_of(tokens, labels):
             return loss_fn(model(tokens), labels)
@@ -58,7 +77,7 @@ def child(args: argparse.Namespace) -> dict:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 args.model_dir, dtype=torch.float32, attn_implementation="sdpa"
             ).train()
-        if args.variant.endswith("lora"):
+        if args.mode == "lora":
             import peft
 
             config = peft.LoraConfig(
@@ -71,44 +90,53 @@ def child(args: argparse.Namespace) -> dict:
             return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     losses, times = [], []
-    for i, row in enumerate(rows):
+    for row in rows:
         started = time.perf_counter()
-        with autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = loss_of(row[:, :-1], row[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if i >= args.warmup:
-            times.append(time.perf_counter() - started)
-    tokens = args.batch * args.seq
+        times.append(time.perf_counter() - started)
     return {
-        "variant": args.variant,
-        "tokens_per_s": tokens / statistics.median(times),
-        "best_tokens_per_s": tokens / min(times),
-        "step_s": statistics.median(times),
+        "tokens_per_s": batch * seq / statistics.median(times[args.warmup :]),
+        "first_step_s": times[0],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trainable_m": sum(p.numel() for p in params) / 1e6,
+        "precision": "bf16" if bf16 else "fp32",
         "first_loss": losses[0],
     }
+
+
+def run_child(args: argparse.Namespace, model_dir: str, system: str, mode: str, shape: str):
+    command = [sys.executable, __file__, "--child", system, "--mode", mode, "--shape", shape]
+    command += ["--model-dir", model_dir, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        print(f"  {system} {mode} {shape}: failed: {reason}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", default=["1x512", "4x512"], help="ROWSxTOKENS")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--child", dest="variant", choices=VARIANTS)
+    parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--child", dest="system", choices=SYSTEMS)
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--shape")
     parser.add_argument("--model-dir")
     args = parser.parse_args()
-    if args.variant:
+    if args.system:
         print(json.dumps(child(args)))
         return
 
@@ -116,48 +144,70 @@ def main() -> None:
 
     import fusionlm
 
+    results: dict[tuple[str, str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         # Both libraries start from the same fp32 weights: the default model written as a
         # transformers directory.
         fusionlm.save_hf(fusionlm.load_model(args.model), tmp)
         print(
-            f"fine-tuning {args.model}: batch {args.batch} x seq {args.seq}, "
-            f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.warmup} warmup + {args.steps} "
-            f"timed steps, torch {torch.__version__}, {torch.get_num_threads()} threads"
+            f"fine-tuning {args.model}: {args.rounds} interleaved rounds, {args.warmup} warm-up "
+            f"+ {args.steps} timed steps, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads",
+            flush=True,
         )
-        print(
-            f"{'loop':<20} {'trainable':>10} {'tokens/s':>9} {'best':>6} {'s/step':>7} "
-            f"{'peak RSS MiB':>13} {'first loss':>11}"
-        )
-        for variant in args.variants.split(","):
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                variant,
-                "--model-dir",
-                tmp,
-                "--seq",
-                str(args.seq),
-                "--batch",
-                str(args.batch),
-                "--warmup",
-                str(args.warmup),
-                "--steps",
-                str(args.steps),
-            ] + (["--bf16"] if args.bf16 else [])
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
-                print(f"{variant:<20} skipped: {reason}")
-                continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(
-                f"{variant:<20} {r['trainable_m']:>9.2f}M {r['tokens_per_s']:>9.0f} "
-                f"{r['best_tokens_per_s']:>6.0f} {r['step_s']:>7.2f} {r['peak_rss_mib']:>13.0f} "
-                f"{r['first_loss']:>11.4f}",
-                flush=True,
+        for r in range(args.rounds):
+            for shape in args.shapes:
+                for mode in args.modes:
+                    for system in args.systems:
+                        got = run_child(args, tmp, system, mode, shape)
+                        if got is None:
+                            continue
+                        results.setdefault((shape, mode, system), []).append(got)
+                        print(
+                            f"round {r + 1} {shape} {mode:<4} {system:<17} {got['precision']} "
+                            f"{got['tokens_per_s']:7.1f} tok/s  peak {got['peak_rss_mib']:6.0f} MiB"
+                            f"  first step {got['first_step_s']:5.1f} s  loss {got['first_loss']:.4f}",
+                            flush=True,
+                        )
+    print_summary(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                [
+                    {"shape": k[0], "mode": k[1], "system": k[2], "runs": v}
+                    for k, v in results.items()
+                ],
+                f,
+                indent=1,
             )
+
+
+def print_summary(results: dict, args: argparse.Namespace) -> None:
+    print(
+        "\n| shape | mode | system | precision | tokens/s (each round) | peak RSS MiB (max) "
+        "| fusionlm tok/s vs this (each round) | fusionlm memory vs this |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        for mode in args.modes:
+            ours = results.get((shape, mode, "fusionlm"), [])
+            for system in args.systems:
+                runs = results.get((shape, mode, system), [])
+                if not runs:
+                    continue
+                speeds = " / ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
+                peak = max(r["peak_rss_mib"] for r in runs)
+                speed_ratio = memory_ratio = ""
+                if system != "fusionlm" and len(ours) == len(runs):
+                    speed_ratio = " / ".join(
+                        f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+                        for a, b in zip(ours, runs, strict=True)
+                    )
+                    memory_ratio = f"{max(r['peak_rss_mib'] for r in ours) / peak:.2f}x"
+                print(
+                    f"| {shape} | {mode} | {system} | {runs[0]['precision']} | {speeds} | "
+                    f"{peak:.0f} | {speed_ratio} | {memory_ratio} |"
+                )
 
 
 if __name__ == "__main__":

@@ -262,3 +262,51 @@ def test_cli_errors_are_one_line_and_python_dash_m_trains(tiny_dir, data, tmp_pa
     assert "done: 2 steps" in done.stderr
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "out" / "model").exists()
+
+
+def _losses(tiny_dir, data, out, **overrides) -> list[float]:
+    return finetune(_config(tiny_dir, data, out, max_steps=5, **overrides)).losses
+
+
+def test_compiled_layers_give_the_eager_losses(tiny_dir, data, tmp_path):
+    eager = _losses(tiny_dir, data, tmp_path / "eager", compile=False, bf16=False)
+    compiled = _losses(tiny_dir, data, tmp_path / "compiled", compile=True, bf16=False)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_a_failed_compile_runs_eagerly_after_one_warning(
+    tiny_dir, data, tmp_path, monkeypatch, capsys
+):
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    eager = _losses(tiny_dir, data, tmp_path / "eager", compile=False, bf16=False)
+    torch._dynamo.reset()  # no graph compiled by another test may be reused
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    capsys.readouterr()
+    fallen_back = _losses(tiny_dir, data, tmp_path / "fallback", compile=True, bf16=False)
+    torch._dynamo.reset()
+    assert fallen_back == eager
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "could not compile" in line]
+    assert len(warnings) == 1 and "no-such-compiler" in warnings[0], err
+    assert "Traceback" not in err
+
+
+def test_frozen_weights_held_in_bf16_change_nothing_under_autocast(tiny_dir):
+    from fusionlm.modules.lora import apply_lora
+    from fusionlm.training.precision import hold_frozen_in_bf16
+
+    models = [fusionlm.load_model(tiny_dir) for _ in range(2)]
+    for model in models:
+        torch.manual_seed(0)
+        apply_lora(model, targets=["q_proj", "v_proj"], rank=4, alpha=8.0)
+    assert hold_frozen_in_bf16(models[1]) > 0
+    assert models[1].layers[0].attn.q_proj.weight.dtype == torch.bfloat16
+    assert models[1].tok_embeddings.weight.dtype == torch.float32  # the tied output matrix
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = [model(tokens) for model in models]
+    assert torch.equal(outputs[0], outputs[1])

@@ -53,9 +53,18 @@ class FinetuneConfig:
         learning_rate, weight_decay, adam_beta1, adam_beta2, adam_eps: AdamW.
         warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio * learning_rate``.
         max_grad_norm: clip the global gradient norm (0: no clipping).
-        bf16: run forward and backward under bf16 autocast (weights and optimizer stay fp32).
+        bf16: run forward and backward under bf16 autocast; weights and optimizer state stay
+            fp32, except LoRA's frozen projections, which are held in bf16. None (the default):
+            on where the hardware multiplies bf16 natively (CUDA with bf16, CPUs with
+            AVX512-BF16 or AMX), off elsewhere, where bf16 matmuls are emulated and slower than
+            fp32.
         gradient_checkpointing: recompute layer activations in backward to save memory.
-        num_output_chunks: logits chunks for ``CEWithChunkedOutputLoss`` (0: one piece).
+        compile: compile each decoder layer with ``torch.compile`` (fused elementwise ops,
+            fewer stored activations). The first step pays the compilation, which is cached
+            for later runs; where compiling fails, the run goes on eagerly after one warning.
+        loss_chunk_tokens: tokens whose logits exist at once: the output projection and the
+            loss run together over chunks of this many tokens (``LinearCrossEntropyLoss``);
+            0: all tokens of a micro-batch at once.
         attn_backend: ``sdpa``, ``eager`` or ``flex`` (a ``BlockMask`` for packed rows).
         seed: seeds initialisation, data order and dropout; equal seeds repeat a run.
 
@@ -98,9 +107,10 @@ class FinetuneConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool | None = None
     gradient_checkpointing: bool = False
-    num_output_chunks: int = 8
+    compile: bool = True
+    loss_chunk_tokens: int = 256
     attn_backend: str = "sdpa"
     seed: int = 0
 
@@ -122,7 +132,7 @@ class FinetuneConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise InvalidInputError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("max_steps", "warmup_steps", "eval_every", "save_every", "num_output_chunks"):
+        for key in ("max_steps", "warmup_steps", "eval_every", "save_every", "loss_chunk_tokens"):
             if getattr(self, key) < 0:
                 raise InvalidInputError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("learning_rate", "adam_eps", "lora_alpha"):

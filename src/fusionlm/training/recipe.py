@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +35,8 @@ from fusionlm.loading import load_model, load_tokenizer, save_hf
 from fusionlm.models.llama import LlamaConfig
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.lora import apply_lora, merge_lora
-from fusionlm.modules.loss import CEWithChunkedOutputLoss
+from fusionlm.modules.loss import LinearCrossEntropyLoss
+from fusionlm.training.compiled import compile_layers, is_compile_failure, uncompile_layers
 from fusionlm.training.config import FinetuneConfig
 from fusionlm.training.data import (
     IGNORE_INDEX,
@@ -54,6 +57,7 @@ from fusionlm.training.distributed import (
     shutdown,
 )
 from fusionlm.training.plot import write_loss_png
+from fusionlm.training.precision import hold_frozen_in_bf16, native_bf16
 from fusionlm.training.state import (
     CHECKPOINTS,
     check_fingerprint,
@@ -94,6 +98,10 @@ class FinetuneResult:
         adapter_dir: the PEFT adapter directory (LoRA only).
         metrics_path, plot_path: the metrics JSONL and the loss-curve PNG (None without
             matplotlib, the ``plot`` extra).
+        tokens_per_s: training tokens per second over this call's steps (the median step,
+            leaving out the first, which compiles, when there are others).
+        peak_memory_mib: the process's peak memory (resident set on CPU, allocated device
+            memory on CUDA).
     """
 
     output_dir: Path
@@ -106,6 +114,8 @@ class FinetuneResult:
     adapter_dir: Path | None
     metrics_path: Path
     plot_path: Path | None
+    tokens_per_s: float
+    peak_memory_mib: float
 
 
 def finetune(
@@ -156,6 +166,7 @@ class _Run:
         self.env = env
         self.on_step = on_step
         self.out = Path(config.output_dir)
+        self.bf16 = native_bf16(env.device) if config.bf16 is None else config.bf16
 
     def log(self, message: str) -> None:
         if self.env.is_main:
@@ -247,7 +258,7 @@ class _Run:
 
     def _prepare_model(self) -> TransformerDecoder:
         """The model to train, checked against the data, with LoRA applied (or every weight
-        trainable), gradient checkpointing and the chunked loss set up."""
+        trainable), gradient checkpointing and the fused output projection and loss set up."""
         config = self.config
         torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=torch.float32, attn_backend=config.attn_backend)
@@ -274,8 +285,13 @@ class _Run:
         # Every process initialised the same adapters; from here on (dropout) their draws differ.
         torch.manual_seed(config.seed + self.env.rank)
         model.set_gradient_checkpointing(config.gradient_checkpointing)
-        model.set_num_output_chunks(config.num_output_chunks)
-        self.loss_fn = CEWithChunkedOutputLoss(max(1, config.num_output_chunks))
+        self.frozen_in_bf16 = self.bf16 and hold_frozen_in_bf16(model) > 0
+        model.skip_output_layer = True
+        self.loss_fn = LinearCrossEntropyLoss(chunk_tokens=config.loss_chunk_tokens)
+        self.loss_fn.set_model_output(model)
+        self.compiled = config.compile
+        if self.compiled:
+            compile_layers(model)
         return model
 
     def _fingerprint(self, model: TransformerDecoder, trained: dict[str, list[int]]) -> dict:
@@ -302,6 +318,7 @@ class _Run:
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps,
             weight_decay=config.weight_decay,
+            fused=True,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -364,9 +381,9 @@ class _Run:
     def forward_loss_sum(self, batch: Batch) -> Tensor:
         config = self.config
         mask = batch.attention_mask(config.attn_backend) if config.packing else None
-        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = self.model(batch.tokens, mask=mask, input_pos=batch.positions)
-            return self.loss_fn.loss_sum(logits, batch.labels)
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.model(batch.tokens, mask=mask, input_pos=batch.positions)
+            return self.loss_fn.loss_sum(hidden, batch.labels)
 
     def train_step(self, step: int) -> dict[str, Any]:
         started = time.perf_counter()
@@ -415,6 +432,31 @@ class _Run:
             "step_s": elapsed,
         }
 
+    def first_step(self, step: int) -> dict[str, Any]:
+        """The run's first step, which compiles the layers (``compile=true``). Where compiling
+        fails, the step runs again eagerly from the same state and RNG, and so do the rest."""
+        if not self.compiled:
+            return self.train_step(step)
+        device = self.env.device
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        try:
+            record = self.train_step(step)
+        except Exception as error:
+            if not is_compile_failure(error):
+                raise
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            self.log(f"compile=true: could not compile the layers ({reason}); running eagerly")
+            uncompile_layers(self.model)
+            self.compiled = False
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, device)
+            return self.train_step(step)
+        self.log(f"compiled the decoder layers: the first step took {record['step_s']:.1f} s")
+        return record
+
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Validation loss (mean over labelled tokens) and perplexity."""
@@ -444,6 +486,7 @@ class _Run:
             _truncate_metrics(metrics_path, after_step=self.start)
         barrier(env)
         losses: list[float] = []
+        speeds: list[float] = []
         val: tuple[float, float] | None = None
         evaluated_at = -1
         bar = tqdm(
@@ -456,8 +499,9 @@ class _Run:
         )
         try:
             for step in range(self.start, self.total_steps):
-                record = self.train_step(step)
+                record = self.first_step(step) if step == self.start else self.train_step(step)
                 losses.append(record["loss"])
+                speeds.append(record["tokens_per_s"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 done = step + 1
@@ -503,11 +547,14 @@ class _Run:
                 self.log(f"no loss curve: {e}")
                 plot_path = None
         model_dir, adapter_dir = self.export()
+        tokens_per_s = statistics.median(speeds[1:] or speeds) if speeds else 0.0
+        peak = peak_memory_mib(env.device)
         summary = f"done: {self.total_steps} steps"
         if losses:
             summary += f", last loss {losses[-1]:.4f}"
         if val is not None:
             summary += f", val loss {val[0]:.4f} (perplexity {val[1]:.2f})"
+        summary += f"; {tokens_per_s:.0f} tokens/s, peak memory {peak:.0f} MiB"
         self.log(f"{summary}; wrote {self.out}")
         return FinetuneResult(
             output_dir=self.out,
@@ -520,6 +567,8 @@ class _Run:
             adapter_dir=adapter_dir,
             metrics_path=metrics_path,
             plot_path=plot_path,
+            tokens_per_s=tokens_per_s,
+            peak_memory_mib=peak,
         )
 
     def write_metrics(self, path: Path, record: dict[str, Any]) -> None:
@@ -528,27 +577,38 @@ class _Run:
                 f.write(json.dumps(record) + "\n")
 
     def export(self) -> tuple[Path | None, Path | None]:
-        """Write the final model (and adapter); a sharded model is gathered to process 0."""
+        """Write the final model (and adapter). A sharded model's trained weights are gathered
+        to process 0, and frozen weights held in bf16 are read again in full precision: both
+        put the trained weights into a fresh copy of the base model."""
         config, env = self.config, self.env
         model = self.model
-        if env.world_size > 1:
+        if env.world_size > 1 or self.frozen_in_bf16:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 get_model_state_dict,
             )
 
-            full = get_model_state_dict(
-                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            trained = get_model_state_dict(
+                model,
+                options=StateDictOptions(
+                    full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+                ),
             )
             if env.is_main:
                 model = load_model(config.model, dtype=torch.float32)
                 if config.lora:
                     _apply_lora(model, config)
-                model.load_state_dict(full, strict=True)
+                missing, unexpected = model.load_state_dict(trained, strict=False)
+                frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+                if unexpected or set(missing) - frozen:
+                    raise RuntimeError(
+                        f"trained weights do not fit the base model: missing "
+                        f"{sorted(set(missing) - frozen)}, unexpected {sorted(unexpected)}"
+                    )
         model_dir = adapter_dir = None
         if env.is_main:
             model = model.to("cpu").eval()
-            model.set_num_output_chunks(0)
+            model.skip_output_layer = False
             model.set_gradient_checkpointing(False)
             if config.lora:
                 adapter_dir = save_peft_adapter(
@@ -577,6 +637,15 @@ def _apply_lora(model: TransformerDecoder, config: FinetuneConfig) -> None:
         alpha=config.lora_alpha,
         dropout=config.lora_dropout,
     )
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The process's peak memory so far: device memory allocated on CUDA, else the peak
+    resident set (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _weights_hash(model: nn.Module) -> str:
