@@ -443,12 +443,12 @@ def safetensors_readers() -> list:
 
 
 def tiny_gguf(path: Path, *, arch: str, seed: int = 0) -> Path:
-    """A random 2-layer model of ``arch`` ("llama" or "qwen2", biases on q, k and v) as
+    """A random 2-layer model of ``arch`` ("llama", "mistral3" or "qwen2", biases on q, k and v) as
     llama.cpp's converter writes it, F32, with SmolLM2's vocabulary (49152 byte-level
     tokens, its merges, types and special ids): a file llama.cpp loads and runs."""
     import gguf
 
-    from fusionlm.checkpoint.gguf import read_gguf_metadata
+    from fusionlm.checkpoint.gguf import PERMUTED_QK, read_gguf_metadata
     from fusionlm.checkpoint.keys import GGUF_LLAMA_KEYS
     from fusionlm.models.registry import DEFAULT_MODEL, MODELS
 
@@ -492,7 +492,7 @@ def tiny_gguf(path: Path, *, arch: str, seed: int = 0) -> Path:
             "attn_k.weight": config.num_key_value_heads,
         }
         n_head = next((n for suffix, n in heads.items() if name.endswith(suffix)), None)
-        if arch == "llama" and n_head is not None:  # llama.cpp's row order for its RoPE
+        if arch in PERMUTED_QK and n_head is not None:  # llama.cpp's row order for its RoPE
             tensor = (
                 tensor.reshape(n_head, 2, -1, tensor.shape[-1]).swapaxes(1, 2).reshape(tensor.shape)
             )

@@ -63,7 +63,8 @@ def test_every_command_names_its_model_with_model(argv):
 def test_info_describes_the_default_model(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "30 layers, hidden 576, 9 heads (3 kv), vocab 49152" in out
+    assert "llama: 30 layers, hidden 576, 9 heads (3 kv), vocab 49152" in out
+    assert "gpt2 (pre-tokenizer smollm), 49152 tokens" in out
     assert "Q4_1" in out and "134.5 M" in out and "8192 tokens" in out
 
 
@@ -73,7 +74,7 @@ def test_info_describes_an_mllama_directory(tmp_path, capsys):
     make_hf_mllama(tmp_path / "mllama", CONFIGS["gqa-2tiles"])
     assert main(["info", "--model", str(tmp_path / "mllama")]) == 0
     out = capsys.readouterr().out
-    assert "llama: 3 layers" in out and "+ 2 cross-attention layers" in out
+    assert "mllama: 3 layers" in out and "+ 2 cross-attention layers" in out
     assert "image encoder (mllama)" in out
 
 

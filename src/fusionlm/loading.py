@@ -316,17 +316,36 @@ def save_hf(
     return directory
 
 
+def _tokenizer_kind(directory: Path) -> str:
+    """The model kind of a transformers directory's ``tokenizer.json`` (``BPE``, ...)."""
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        return "none (no tokenizer.json)"
+    try:
+        kind = json.loads(file.read_text(encoding="utf-8")).get("model", {}).get("type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return "tokenizer.json (unreadable)"
+    return f"tokenizer.json ({kind or 'unknown model type'})"
+
+
 def describe(source: str | os.PathLike[str] = DEFAULT_MODEL) -> dict[str, str]:
     """What a model source holds, read from its headers without loading weights.
 
     Returns:
-        ordered fields: source, format, architecture, parameters, dtype, context,
-        quantization, file size.
+        ordered fields: source, format, architecture (the file's own name for it, with its
+        shape), tokenizer, parameters, dtype, context, quantization, file size.
     """
     path = model_path(source)
     parts = ""
     if path.suffix == ".gguf":
         config, quantization = read_gguf_config(path)
+        metadata = read_gguf_metadata(path)
+        arch = metadata["general.architecture"]
+        tokenizer = (
+            f"{metadata.get('tokenizer.ggml.model', 'none')} "
+            f"(pre-tokenizer {metadata.get('tokenizer.ggml.pre', 'default')}), "
+            f"{len(metadata.get('tokenizer.ggml.tokens', []))} tokens"
+        )
         files, fmt = [path], "gguf"
         native = STORED_FORMATS.get(getattr(Q, quantization, None))
         dtype = (
@@ -337,6 +356,8 @@ def describe(source: str | os.PathLike[str] = DEFAULT_MODEL) -> dict[str, str]:
         model = llama(config, init_weights=False)
     else:
         raw = read_config(path)
+        arch = str(raw.get("model_type", "llama"))
+        tokenizer = _tokenizer_kind(path)
         files = sorted(path.glob("*.safetensors"))
         fmt, quantization = "transformers directory (safetensors)", "none"
         dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "unknown")
@@ -360,10 +381,11 @@ def describe(source: str | os.PathLike[str] = DEFAULT_MODEL) -> dict[str, str]:
         "source": str(path),
         "format": fmt,
         "architecture": (
-            f"llama: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{arch}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
             f"{config.num_attention_heads} heads ({config.num_key_value_heads} kv), vocab "
             f"{config.vocab_size}{parts}"
         ),
+        "tokenizer": tokenizer,
         "parameters": f"{parameters / 1e6:.1f} M",
         "dtype": dtype,
         "context": f"{config.max_position_embeddings} tokens (rope {config.rope_type}, theta {config.rope_theta:g})",

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlm.checkpoint.gguf import StoredTensor, read_gguf, read_gguf_metadata
+from fusionlm.checkpoint.gguf import PERMUTED_QK, StoredTensor, read_gguf, read_gguf_metadata
 from fusionlm.checkpoint.keys import GGUF_LLAMA_KEYS
 from fusionlm.generation import generate
 from fusionlm.inference.quantize import WeightOnlyLinear, linear_weights_in_format, quantize
-from fusionlm.loading import assign_weights, load_model
+from fusionlm.loading import assign_weights, describe, load_model
 from fusionlm.models.llama import llama
 from tests.helpers import make_hf_llama, randomize_
 
@@ -47,12 +47,16 @@ def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+GGUF_ARCHS = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "mistral3": gguf.MODEL_ARCH.MISTRAL3,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+}
 
 
 def gguf_tensors(model: Any, *, arch: str = "llama") -> dict[str, torch.Tensor]:
-    """The model's tensors under llama.cpp names as the converter produces them: for llama,
-    Q/K permuted for llama.cpp's RoPE; qwen2's as they are."""
+    """The model's tensors under llama.cpp names as the converter produces them: for llama
+    and mistral3, Q/K permuted for llama.cpp's RoPE; qwen2's as they are."""
     cfg = model.config
     names = gguf.get_tensor_name_map(
         GGUF_ARCHS.get(arch, gguf.MODEL_ARCH.LLAMA), cfg.num_hidden_layers
@@ -61,9 +65,9 @@ def gguf_tensors(model: Any, *, arch: str = "llama") -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if arch == "llama" and name.endswith("q_proj.weight"):
+        if arch in PERMUTED_QK and name.endswith("q_proj.weight"):
             tensor = permute(tensor, cfg.num_attention_heads)
-        if arch == "llama" and name.endswith("k_proj.weight"):
+        if arch in PERMUTED_QK and name.endswith("k_proj.weight"):
             tensor = permute(tensor, cfg.num_key_value_heads)
         out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor.detach().float()
     return out
@@ -95,11 +99,13 @@ def write_gguf(
     qtype: Q = Q.F32,
     arch: str = "llama",
     skip_keys: tuple[str, ...] = (),
+    extra: Mapping[str, float] | None = None,
     edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Write ``model`` (a transformers Llama) as convert_hf_to_gguf.py would.
 
-    2-D weights are stored as ``qtype``, norms as F32. ``edit`` may change the tensor dict
+    2-D weights are stored as ``qtype``, norms as F32. ``extra`` adds float metadata keys.
+    ``edit`` may change the tensor dict
     (name -> float tensor, or (uint8 bytes, raw type)) before writing.
     """
     cfg = model.config
@@ -135,6 +141,8 @@ def write_gguf(
     writer.add_eos_token_id(2)
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
     writer.add_array("test.floats", [0.5, -1.25])
+    for key, value in (extra or {}).items():
+        writer.add_float32(key, value)
 
     tensors: dict[str, Any] = gguf_tensors(model, arch=arch)
     if rope["rope_type"] == "llama3":
@@ -263,6 +271,26 @@ def test_qwen2_file_gives_transformers_logits(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = hf(TOKENS).logits
     torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
+
+
+def test_mistral3_file_is_read_as_llama_unless_it_scales_attention(tmp_path: Path) -> None:
+    """A mistral3 GGUF (llama.cpp's Ministral 3): Llama's tensors, permuted Q/K and graph
+    under ``mistral3.`` keys, so transformers' Llama logits; an attention temperature scale
+    (Llama 4 tuning, which fusionlm's blocks lack) is refused by name."""
+    hf, _ = tiny(tmp_path)
+    path = write_gguf(tmp_path / "mistral3.gguf", hf, arch="mistral3")
+    assert describe(path)["architecture"].startswith("mistral3: 2 layers")
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+    torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
+    scaled = write_gguf(
+        tmp_path / "scaled.gguf",
+        hf,
+        arch="mistral3",
+        extra={"mistral3.attention.temperature_scale": 0.1},
+    )
+    with pytest.raises(ValueError, match=r"mistral3\.attention\.temperature_scale=0\.1"):
+        read_gguf(scaled, dtype=torch.float32)
 
 
 def test_config_from_metadata(tmp_path: Path) -> None:

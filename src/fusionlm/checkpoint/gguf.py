@@ -47,9 +47,11 @@ __all__ = [
 
 Q = GGMLQuantizationType
 
-ARCHITECTURES = ("llama", "qwen2")
-"""The ``general.architecture`` values read here: Llama's blocks, with Q/K/V biases in qwen2."""
-PERMUTED_QK = ("llama",)
+ARCHITECTURES = ("llama", "mistral3", "qwen2")
+"""The ``general.architecture`` values read here: Llama's blocks; Q/K/V biases in qwen2;
+mistral3 (Ministral 3, Mistral Small 3.1) is Llama's graph unless its file sets an attention
+temperature scale, which is refused."""
+PERMUTED_QK = ("llama", "mistral3")
 """Architectures whose converter interleaves Q and K rows for llama.cpp's RoPE (undone here);
 qwen2's use the NeoX RoPE, transformers' own layout."""
 
@@ -371,6 +373,12 @@ def _config(
             f"{', '.join(repr(a) for a in ARCHITECTURES)} GGUF files"
         )
     metadata = _as_llama_keys(metadata, arch)
+    if metadata.get("llama.attention.temperature_scale", 0):
+        raise InvalidInputError(
+            f"{path}: {arch}.attention.temperature_scale="
+            f"{metadata['llama.attention.temperature_scale']} (Llama 4 attention temperature "
+            "tuning) is not supported"
+        )
     if metadata.get("llama.expert_count", 0):
         raise InvalidInputError(
             f"{path}: a mixture-of-experts llama (llama.expert_count="
