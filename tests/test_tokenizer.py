@@ -1077,3 +1077,51 @@ def test_gguf_missing_pre_uses_llama_cpps_default_split(metadata: dict[str, Any]
         "456",
         "7",
     ]
+
+
+def _gemma4_metadata() -> dict[str, Any]:
+    """A tiny vocabulary shaped like Gemma 4's: BPE over spelled text ("▁" for spaces), byte
+    tokens for the rest, "<|tool_response>" among its tokens and "</s>" an ordinary one."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<|tool_response>", "</s>"]
+    types = [3, 3, 3, 3, 4, 1]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    pieces = ["a", "b", "▁", "\n", "ab", "▁ab", "\n\n", "<", "/", "s", ">"]
+    tokens += pieces
+    types += [1] * len(pieces)
+    return {
+        "general.architecture": "gemma4",
+        "tokenizer.ggml.model": "gemma4",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": ["a b", "▁ ab", "\n \n"],
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_bos_token": False,  # llama.cpp adds Gemma 4's BOS all the same
+    }
+
+
+def test_gemma4_vocabulary_tokenizes_as_llama_cpp_does() -> None:
+    """benchmarks/tokenizer_parity.py and tests/parity hold the real Gemma 4 vocabulary to
+    llama.cpp; this tiny one pins the rules: spaces spelled "▁" with no prefix, merges by rank
+    within newline runs and runs of the rest, bytes for what no token spells, "</s>" plain."""
+    metadata = _gemma4_metadata()
+    tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    ids = {tok: i for i, tok in enumerate(metadata["tokenizer.ggml.tokens"])}
+    text = "ab ab\n\né</s>"
+    expected = [ids["ab"], ids["▁ab"], ids["\n\n"], ids["<0xC3>"], ids["<0xA9>"]]
+    expected += [ids[c] for c in "</s>"]
+    assert tokenizer.encode(text, add_special_tokens=False) == expected
+    assert tokenizer.encode(text) == [2, *expected]
+    assert tokenizer.decode(expected) == text
+
+
+def test_gguf_merges_split_at_the_first_space_after_the_first_character() -> None:
+    """llama.cpp's split: a left token may itself be a space; a merge without a second
+    token is the file's mistake."""
+    from fusionlm.tokenizer.gguf import _parse_merges
+
+    assert _parse_merges(["a b", "  x", "ab cd"]) == [("a", "b"), (" ", "x"), ("ab", "cd")]
+    for bad in ("ab", "a ", " "):
+        with pytest.raises(ValueError, match="malformed GGUF merge"):
+            _parse_merges([bad])

@@ -29,6 +29,10 @@ _USER_DEFINED = 4
 
 _SPIECE_SPACE = "\u2581"
 
+# Vocabularies that end turns with one of these keep "</s>" an ordinary token (Gemma 4,
+# PLaMo), where llama.cpp otherwise makes it a control token by its text.
+_NORMAL_S_MARKERS = frozenset({"<|tool_response>", "<|plamo:eos|>"})
+
 # Tokens llama.cpp makes control tokens by their text whatever their type (end of turn or of
 # generation, fill-in-the-middle markers; llama-vocab.cpp), so text spelling them is that token.
 _CONTROL_LOOKING = frozenset(
@@ -306,6 +310,28 @@ def _sentencepiece_backend(
     return backend
 
 
+def _spelled_bpe_backend(tokens: list[str], merges: list[tuple[str, str]]) -> _Backend:
+    """Gemma 4's BPE: merges over the text's own characters (no byte alphabet), spaces
+    spelled "▁" and no space prefix, within runs of newlines and runs of anything else;
+    a piece no token spells becomes its bytes (``<0xXX>``)."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = _Backend(
+        _bpe(
+            vocab=vocab,
+            merges=merges,
+            fuse_unk=True,
+            byte_fallback=True,
+            dropout=None,
+        )
+    )
+    backend.normalizer = normalizers.Replace(" ", _SPIECE_SPACE)
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return backend
+
+
 def _rstrip_rule(metadata: Mapping[str, Any]) -> Callable[[str], bool]:
     """Whether a special token eats the whitespace after it: llama.cpp says so by model name
     (the file does not), for Phi-3 every special token but ``<unk>``, ``<s>`` and
@@ -341,12 +367,15 @@ def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[
 
 
 def _parse_merges(merges: Sequence[str]) -> list[tuple[str, str]]:
+    """``"left right"`` pairs, split where llama.cpp splits them: at the first space after
+    the first character (so a left token may be a space)."""
     pairs = []
     for merge in merges:
-        parts = str(merge).split(" ")
-        if len(parts) != 2:
+        merge = _as_str(merge)
+        cut = merge.find(" ", 1)
+        if cut < 0 or cut == len(merge) - 1:
             raise InvalidInputError(f"malformed GGUF merge {merge!r}: expected two tokens")
-        pairs.append((parts[0], parts[1]))
+        pairs.append((merge[:cut], merge[cut + 1 :]))
     return pairs
 
 
@@ -367,10 +396,10 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidInputError("GGUF metadata has no tokenizer (no tokenizer.ggml.model)")
     kind = _as_str(kind)
     arch = _as_str(metadata.get("general.architecture", ""))
-    if kind not in ("gpt2", "llama"):
+    if kind not in ("gpt2", "llama", "gemma4"):
         raise InvalidInputError(
-            f"unsupported GGUF tokenizer model {kind!r}; supported: 'gpt2' (byte-level BPE) "
-            "and 'llama' (sentencepiece)"
+            f"unsupported GGUF tokenizer model {kind!r}; supported: 'gpt2' (byte-level BPE), "
+            "'llama' (sentencepiece) and 'gemma4' (BPE over spelled text)"
         )
     if "tokenizer.ggml.tokens" not in metadata:
         raise InvalidInputError("GGUF metadata has no tokenizer.ggml.tokens")
@@ -404,6 +433,12 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
         # A "control" token spelled outside the byte alphabet is a converter mislabel (it
         # would get a new id past the model's vocabulary), so it stays an ordinary token.
         control_ok: Callable[[str], bool] = lambda tok: set(tok) <= alphabet  # noqa: E731
+    elif kind == "gemma4":
+        if merges is None:
+            raise InvalidInputError("a gemma4 GGUF vocabulary needs tokenizer.ggml.merges")
+        backend = _spelled_bpe_backend(tokens, _parse_merges(merges))
+        add_bos = True  # llama.cpp adds Gemma 4's BOS whatever the file says
+        control_ok = lambda tok: True  # noqa: E731
     else:
         # llama.cpp has no pre-tokenizers for sentencepiece vocabularies; a stray
         # tokenizer.ggml.pre is ignored, as it does.
@@ -430,10 +465,13 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
         control_ok = lambda tok: True  # noqa: E731
 
     rstrip = _rstrip_rule(metadata)
+    looks_control = _CONTROL_LOOKING
+    if not _NORMAL_S_MARKERS.isdisjoint(tokens):
+        looks_control = looks_control - {"</s>"}
     control = [
         AddedToken(tok, normalized=False, special=True, rstrip=rstrip(tok))
         for tok, t in zip(tokens, types, strict=True)
-        if (t == _CONTROL or tok in _CONTROL_LOOKING) and control_ok(tok)
+        if (t == _CONTROL or tok in looks_control) and control_ok(tok)
     ]
     if control:
         backend.add_special_tokens(control)
