@@ -37,6 +37,12 @@ def test_toml_and_overrides(tmp_path):
             ["epoch=2"],
             "unknown config key 'epoch' \\(command line\\); valid keys",
         ),
+        (
+            'train_data = "t"\nnum_output_chunks = 8\n',
+            [],
+            "config key 'num_output_chunks' .* is now loss_chunk_tokens",
+        ),
+        ('train_data = "t"\n', ["bf16=maybe"], "bf16='maybe': expected true or false"),
         ('train_data = "t"\nseq_len = "long"\n', [], "seq_len must be an integer, got 'long'"),
         ('train_data = "t"\n', ["seq_len=long"], "seq_len='long': expected an integer"),
         ('train_data = "t"\n', ["lora=maybe"], "lora='maybe': expected true or false"),

@@ -215,7 +215,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Keys of earlier versions, and what took their place.
+_REPLACED = {
+    "num_output_chunks": "loss_chunk_tokens (tokens per chunk of the output projection fused "
+    "with the loss; default 256)",
+}
+
+
 def _check_key(key: str, where: str) -> None:
+    if key in _REPLACED:
+        raise InvalidInputError(f"config key {key!r} ({where}) is now {_REPLACED[key]}")
     if key not in config_keys():
         raise InvalidInputError(
             f"unknown config key {key!r} ({where}); valid keys: {', '.join(config_keys())}"
