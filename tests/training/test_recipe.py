@@ -60,6 +60,7 @@ def test_lora_run_writes_metrics_curve_adapter_and_merged_model(tiny_dir, data, 
     )
     result = finetune(config)
     assert len(result.losses) == 8 and result.first_step == 1
+    assert result.tokens_per_s > 0 and result.peak_memory_mib > 100  # a process with torch
     assert sum(result.losses[-3:]) < sum(result.losses[:3])  # it learns
     records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))

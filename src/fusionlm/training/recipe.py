@@ -100,8 +100,8 @@ class FinetuneResult:
             matplotlib, the ``plot`` extra).
         tokens_per_s: training tokens per second over this call's steps (the median step,
             leaving out the first, which compiles, when there are others).
-        peak_memory_mib: the process's peak memory (resident set on CPU, allocated device
-            memory on CUDA).
+        peak_memory_mib: the process's peak memory while training and evaluating (resident set
+            on CPU, allocated device memory on CUDA).
     """
 
     output_dir: Path
@@ -546,9 +546,9 @@ class _Run:
             except ImportError as e:  # the run's results stand without their picture
                 self.log(f"no loss curve: {e}")
                 plot_path = None
+        peak = peak_memory_mib(env.device)  # training's, before the export reloads the base
         model_dir, adapter_dir = self.export()
         tokens_per_s = statistics.median(speeds[1:] or speeds) if speeds else 0.0
-        peak = peak_memory_mib(env.device)
         summary = f"done: {self.total_steps} steps"
         if losses:
             summary += f", last loss {losses[-1]:.4f}"
