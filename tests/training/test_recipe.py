@@ -253,6 +253,7 @@ def test_cli_errors_are_one_line_and_python_dash_m_trains(tiny_dir, data, tmp_pa
             str(config),
             "progress=false",
             "batch_size=2",
+            "compile=false",  # compiling is tested in-process; here the command is
         ],
         capture_output=True,
         text=True,
