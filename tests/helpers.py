@@ -443,7 +443,8 @@ def safetensors_readers() -> list:
 
 
 def tiny_gguf(path: Path, *, arch: str, seed: int = 0) -> Path:
-    """A random 2-layer model of ``arch`` ("llama", "mistral3" or "qwen2", biases on q, k and v) as
+    """A random 2-layer model of ``arch`` ("llama", "mistral3", "qwen2" with biases on q, k and
+    v, or "qwen3" with query and key norms) as
     llama.cpp's converter writes it, F32, with SmolLM2's vocabulary (49152 byte-level
     tokens, its merges, types and special ids): a file llama.cpp loads and runs."""
     import gguf
@@ -461,6 +462,7 @@ def tiny_gguf(path: Path, *, arch: str, seed: int = 0) -> Path:
         max_position_embeddings=256,
         attention_bias=arch == "qwen2",
         attention_output_bias=False if arch == "qwen2" else None,
+        qk_norm=arch == "qwen3",
     )
     torch.manual_seed(seed)
     model = llama(config)

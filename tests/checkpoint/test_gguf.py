@@ -51,6 +51,7 @@ GGUF_ARCHS = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "mistral3": gguf.MODEL_ARCH.MISTRAL3,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
 }
 
 
@@ -271,6 +272,37 @@ def test_qwen2_file_gives_transformers_logits(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = hf(TOKENS).logits
     torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
+
+
+def test_qwen3_file_gives_transformers_logits(tmp_path: Path) -> None:
+    """A qwen3 GGUF: Llama's blocks with an RMSNorm on each head's query and key before RoPE,
+    NeoX RoPE, keys under ``qwen3.``: our logits are transformers' Qwen3's. Such a model has
+    no Llama config.json, and saying so is the error."""
+    import transformers
+
+    config = transformers.Qwen3Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # not hidden / heads, as in Qwen3's own configs
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(config).eval()
+    randomize_(hf)
+    path = write_gguf(tmp_path / "qwen3.gguf", hf, arch="qwen3")
+    checkpoint = read_gguf(path, dtype=torch.float32)
+    assert checkpoint.config.qk_norm and checkpoint.config.head_dim == 24
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+    torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="no query and key norms"):
+        checkpoint.config.to_hf()
 
 
 def test_mistral3_file_is_read_as_llama_unless_it_scales_attention(tmp_path: Path) -> None:

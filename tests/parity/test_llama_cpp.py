@@ -16,7 +16,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a peer:
 PROMPT = "The quick brown fox jumps over the lazy dog. 1234 + 5678 = 6912!"
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral3", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral3", "qwen2", "qwen3"])
 def pair(request, tmp_path_factory):
     path = tiny_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", arch=request.param)
     theirs = llama_cpp.Llama(

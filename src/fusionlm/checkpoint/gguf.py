@@ -47,13 +47,13 @@ __all__ = [
 
 Q = GGMLQuantizationType
 
-ARCHITECTURES = ("llama", "mistral3", "qwen2")
+ARCHITECTURES = ("llama", "mistral3", "qwen2", "qwen3")
 """The ``general.architecture`` values read here: Llama's blocks; Q/K/V biases in qwen2;
-mistral3 (Ministral 3, Mistral Small 3.1) is Llama's graph unless its file sets an attention
-temperature scale, which is refused."""
+per-head query and key norms in qwen3; mistral3 (Ministral 3, Mistral Small 3.1) is Llama's
+graph unless its file sets an attention temperature scale, which is refused."""
 PERMUTED_QK = ("llama", "mistral3")
 """Architectures whose converter interleaves Q and K rows for llama.cpp's RoPE (undone here);
-qwen2's use the NeoX RoPE, transformers' own layout."""
+qwen2's and qwen3's use the NeoX RoPE, transformers' own layout."""
 
 
 # llama.cpp's Llama-3 RoPE scaling: per-frequency divisors, not a learned weight.
@@ -438,6 +438,7 @@ def _config(
         attention_bias="blk.0.attn_q.bias" in tensors,
         attention_output_bias="blk.0.attn_output.bias" in tensors,
         mlp_bias="blk.0.ffn_gate.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),

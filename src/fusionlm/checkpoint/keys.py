@@ -86,6 +86,16 @@ _LLAMA_TENSORS = [
         "model.layers.{n}.post_attention_layernorm.weight",
         "blk.{n}.ffn_norm.weight",
     ),
+    (
+        "layers.{n}.attn.q_norm.weight",
+        "model.layers.{n}.self_attn.q_norm.weight",
+        "blk.{n}.attn_q_norm.weight",
+    ),
+    (
+        "layers.{n}.attn.k_norm.weight",
+        "model.layers.{n}.self_attn.k_norm.weight",
+        "blk.{n}.attn_k_norm.weight",
+    ),
     *(
         (
             f"layers.{{n}}.{ours}.{param}",

@@ -43,7 +43,9 @@ class LlamaConfig:
     parameters (factor, original_max_position_embeddings, ...) without type and theta.
     ``attention_bias`` puts biases on the q, k, v and output projections (transformers'
     Llama); ``attention_output_bias`` overrides it for the output projection (False for
-    qwen2, whose biases are on q, k and v only; None: as ``attention_bias``).
+    qwen2, whose biases are on q, k and v only; None: as ``attention_bias``). ``qk_norm``
+    normalises each head's query and key (RMSNorm over ``head_dim``) before RoPE, as qwen3
+    does.
     """
 
     vocab_size: int
@@ -62,6 +64,7 @@ class LlamaConfig:
     attention_bias: bool = False
     attention_output_bias: bool | None = None
     mlp_bias: bool = False
+    qk_norm: bool = False
     hidden_act: str = "silu"
     attention_dropout: float = 0.0
     bos_token_id: int | None = None
@@ -135,6 +138,11 @@ class LlamaConfig:
             raise InvalidInputError(
                 "a transformers Llama has biases on all of q, k, v and o or none; this model "
                 "(qwen2's biases on q, k and v only) has no Llama config.json"
+            )
+        if fields.pop("qk_norm"):
+            raise InvalidInputError(
+                "a transformers Llama has no query and key norms; this model (qwen3's) has no "
+                "Llama config.json"
             )
         rope_params = dict(fields.pop("rope_params"))
         rope_parameters = {
@@ -261,6 +269,8 @@ def llama_layer(
             bias=bias if config.attention_output_bias is None else config.attention_output_bias,
         ),
         pos_embeddings=rope,
+        q_norm=RMSNorm(hd, eps=config.rms_norm_eps) if config.qk_norm else None,
+        k_norm=RMSNorm(hd, eps=config.rms_norm_eps) if config.qk_norm else None,
         max_seq_len=max_seq_len,
         attn_dropout=config.attention_dropout,
         backend=attn_backend,
