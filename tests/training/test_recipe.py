@@ -17,7 +17,7 @@ from fusionlm.training import FinetuneConfig, finetune
 from fusionlm.training import state as state_module
 from fusionlm.training.recipe import _Run, lr_factor
 from fusionlm.training.state import latest_checkpoint
-from tests.helpers import arithmetic, make_tiny_model_dir, write_jsonl
+from tests.helpers import arithmetic, make_tiny_model_dir, tiny_gguf, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +199,11 @@ def test_bad_data_and_seq_len_fail_before_training(tiny_dir, data, tmp_path, no_
         finetune(_config(tiny_dir, data, tmp_path / "o", seq_len=256))
     with pytest.raises(FileNotFoundError, match=r"resume=true, but .* holds no checkpoint"):
         finetune(_config(tiny_dir, data, tmp_path / "o", resume=True))
+    # A model with no transformers config.json (qwen3's query and key norms) is refused before
+    # training, not after: a full run would end unable to write what it trained.
+    qwen3 = tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3")
+    with pytest.raises(ValueError, match=r"could not be written at the end: .*no query and key"):
+        finetune(_config(qwen3, data, tmp_path / "o"))
 
 
 @pytest.mark.parametrize(

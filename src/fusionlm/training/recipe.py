@@ -270,6 +270,14 @@ class _Run:
             raise InvalidInputError(
                 f"seq_len={config.seq_len} exceeds the model's context of {model.max_seq_len} tokens"
             )
+        if not config.lora or config.save_merged:  # the run ends writing a transformers directory
+            try:
+                model.config.to_hf()
+            except InvalidInputError as e:
+                raise InvalidInputError(
+                    f"{config.model}: the fine-tuned model could not be written at the end: {e}"
+                    + ("" if config.lora else "; train LoRA with save_merged=false instead")
+                ) from None
         for rows in (self.train_rows, self.val_rows):
             if rows is not None and int(rows.tokens.max()) >= model.vocab_size:
                 raise InvalidInputError(
