@@ -37,7 +37,7 @@ from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.fusion import DeepFusionModel
 from fusionlm.tokenizer import Tokenizer
 
-SUPPORTED_HF_MODEL_TYPES = ("llama", "mllama")
+SUPPORTED_HF_MODEL_TYPES = ("llama", "mllama", "qwen2", "qwen3")
 
 
 def load_model(

@@ -272,12 +272,13 @@ def test_qwen2_file_gives_transformers_logits(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = hf(TOKENS).logits
     torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
+    _assert_written_directory_gives(path, tmp_path / "hf", expected, arch="Qwen2ForCausalLM")
 
 
 def test_qwen3_file_gives_transformers_logits(tmp_path: Path) -> None:
     """A qwen3 GGUF: Llama's blocks with an RMSNorm on each head's query and key before RoPE,
-    NeoX RoPE, keys under ``qwen3.``: our logits are transformers' Qwen3's. Such a model has
-    no Llama config.json, and saying so is the error."""
+    NeoX RoPE, keys under ``qwen3.``: our logits are transformers' Qwen3's, and so are those
+    of the transformers directory written from it, read by either library."""
     import transformers
 
     config = transformers.Qwen3Config(
@@ -301,8 +302,24 @@ def test_qwen3_file_gives_transformers_logits(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = hf(TOKENS).logits
     torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="no query and key norms"):
-        checkpoint.config.to_hf()
+    _assert_written_directory_gives(path, tmp_path / "hf", expected, arch="Qwen3ForCausalLM")
+
+
+def _assert_written_directory_gives(
+    path: Path, out: Path, expected: torch.Tensor, *, arch: str
+) -> None:
+    """``save_hf`` of the GGUF's model: a directory of ``arch`` that transformers and fusionlm
+    both load to ``expected`` logits."""
+    import transformers
+
+    from fusionlm.loading import load_model, save_hf
+
+    save_hf(load_model(str(path)), out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == arch
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(load_model(str(out))(TOKENS), expected, atol=1e-4, rtol=0)
 
 
 def test_mistral3_file_is_read_as_llama_unless_it_scales_attention(tmp_path: Path) -> None:

@@ -13,11 +13,13 @@ import torch
 import fusionlm
 from fusionlm.checkpoint.peft import load_peft_adapter
 from fusionlm.cli import main
+from fusionlm.errors import InvalidInputError
+from fusionlm.models.llama import LlamaConfig
 from fusionlm.training import FinetuneConfig, finetune
 from fusionlm.training import state as state_module
 from fusionlm.training.recipe import _Run, lr_factor
 from fusionlm.training.state import latest_checkpoint
-from tests.helpers import arithmetic, make_tiny_model_dir, tiny_gguf, write_jsonl
+from tests.helpers import arithmetic, make_tiny_model_dir, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +201,21 @@ def test_bad_data_and_seq_len_fail_before_training(tiny_dir, data, tmp_path, no_
         finetune(_config(tiny_dir, data, tmp_path / "o", seq_len=256))
     with pytest.raises(FileNotFoundError, match=r"resume=true, but .* holds no checkpoint"):
         finetune(_config(tiny_dir, data, tmp_path / "o", resume=True))
-    # A model with no transformers config.json (qwen3's query and key norms) is refused before
-    # training, not after: a full run would end unable to write what it trained.
-    qwen3 = tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3")
-    with pytest.raises(ValueError, match=r"could not be written at the end: .*no query and key"):
-        finetune(_config(qwen3, data, tmp_path / "o"))
+
+
+def test_a_model_no_config_json_describes_is_refused_before_training(
+    tiny_dir, data, tmp_path, no_training, monkeypatch
+):
+    """A full run would end unable to write what it trained: it does not start."""
+
+    def no_config(self):
+        raise InvalidInputError("no config.json describes it")
+
+    monkeypatch.setattr(LlamaConfig, "to_hf", no_config)
+    with pytest.raises(ValueError, match=r"could not be written at the end: no config\.json"):
+        finetune(_config(tiny_dir, data, tmp_path / "o"))
+    with pytest.raises(AssertionError, match="training started"):  # writes an adapter only
+        finetune(_config(tiny_dir, data, tmp_path / "o", lora=True, save_merged=False))
 
 
 @pytest.mark.parametrize(
@@ -281,19 +293,17 @@ def test_compiled_layers_give_the_eager_losses(tiny_dir, data, tmp_path):
     assert compiled == pytest.approx(eager, rel=1e-5)
 
 
-def test_a_failed_compile_runs_eagerly_after_one_warning(
-    tiny_dir, data, tmp_path, monkeypatch, capsys
-):
+def test_a_failed_compile_runs_eagerly_after_one_warning(tiny_dir, data, tmp_path, capsys):
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     eager = _losses(tiny_dir, data, tmp_path / "eager", compile=False, bf16=False)
     torch._dynamo.reset()  # no graph compiled by another test may be reused
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
     capsys.readouterr()
-    fallen_back = _losses(tiny_dir, data, tmp_path / "fallback", compile=True, bf16=False)
+    # No C++ compiler, and no compiled graph from a cache.
+    no_compiler = {"cpp.cxx": ("no-such-compiler",), "fx_graph_cache": False}
+    with inductor_config.patch(no_compiler), functorch_config.patch(enable_autograd_cache=False):
+        fallen_back = _losses(tiny_dir, data, tmp_path / "fallback", compile=True, bf16=False)
     torch._dynamo.reset()
     assert fallen_back == eager
     err = capsys.readouterr().err

@@ -98,7 +98,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> LlamaConfig:
-        """Read a transformers ``config.json`` dict (4.x or 5.x form).
+        """Read a transformers ``config.json`` dict (4.x or 5.x form) of a Llama, a Qwen2
+        (biases on q, k and v) or a Qwen3 (per-head query and key norms).
 
         Raises:
             ValueError: a required field is missing, or a value is unsupported.
@@ -106,8 +107,14 @@ class LlamaConfig:
         missing = [key for key in _REQUIRED if key not in config]
         if missing:
             raise InvalidInputError(f"config.json is missing required field(s) {missing}")
+        model_type = config.get("model_type", "llama")
+        if config.get("use_sliding_window"):
+            raise InvalidInputError(
+                f"config.json: {model_type} with use_sliding_window=true is not supported"
+            )
         rope_type, rope_theta, rope_params = _rope_from_hf(config)
         heads = config["num_attention_heads"]
+        qwen2 = model_type == "qwen2"
         return cls(
             vocab_size=config["vocab_size"],
             hidden_size=config["hidden_size"],
@@ -122,8 +129,10 @@ class LlamaConfig:
             rope_type=rope_type,
             rope_params=rope_params,
             tie_word_embeddings=config.get("tie_word_embeddings", False),
-            attention_bias=config.get("attention_bias", False),
+            attention_bias=qwen2 or config.get("attention_bias", False),
+            attention_output_bias=False if qwen2 else None,
             mlp_bias=config.get("mlp_bias", False),
+            qk_norm=model_type == "qwen3",
             hidden_act=config.get("hidden_act", "silu"),
             attention_dropout=float(config.get("attention_dropout") or 0.0),
             bos_token_id=config.get("bos_token_id"),
@@ -132,30 +141,34 @@ class LlamaConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """A transformers 5.x ``config.json`` dict (``rope_parameters`` form)."""
+        """A transformers 5.x ``config.json`` dict (``rope_parameters`` form): Qwen3's for a
+        model with query and key norms, Qwen2's for biases on q, k and v only, else Llama's.
+
+        Raises:
+            ValueError: a model none of the three describes.
+        """
         fields = dataclasses.asdict(self)
-        if fields.pop("attention_output_bias") not in (None, self.attention_bias):
-            raise InvalidInputError(
-                "a transformers Llama has biases on all of q, k, v and o or none; this model "
-                "(qwen2's biases on q, k and v only) has no Llama config.json"
-            )
-        if fields.pop("qk_norm"):
-            raise InvalidInputError(
-                "a transformers Llama has no query and key norms; this model (qwen3's) has no "
-                "Llama config.json"
-            )
+        output_bias = fields.pop("attention_output_bias")
+        qk_norm = fields.pop("qk_norm")
         rope_params = dict(fields.pop("rope_params"))
-        rope_parameters = {
+        fields["rope_parameters"] = {
             "rope_type": fields.pop("rope_type"),
             "rope_theta": fields.pop("rope_theta"),
             **rope_params,
         }
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            **fields,
-            "rope_parameters": rope_parameters,
-        }
+        qwen2 = self.attention_bias and output_bias is False
+        if qk_norm and not self.mlp_bias and output_bias in (None, self.attention_bias):
+            return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **fields}
+        if qwen2 and not qk_norm and not self.mlp_bias:
+            del fields["attention_bias"], fields["mlp_bias"]  # Qwen2's biases are fixed
+            return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **fields}
+        if not qk_norm and output_bias in (None, self.attention_bias):
+            return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **fields}
+        raise InvalidInputError(
+            "this model's projections (biases on q, k, v but not o, or query and key norms, "
+            "together with other differences) match no transformers architecture: no "
+            "config.json describes it"
+        )
 
 
 def _rope_from_hf(config: Mapping[str, Any]) -> tuple[str, float, dict[str, Any]]:
