@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 from torch import nn
 
@@ -35,7 +38,27 @@ def hold_frozen_in_bf16(model: nn.Module) -> int:
         ):
             weight.data = weight.data.to(torch.bfloat16)
             narrowed += 1
+    if narrowed:
+        # The fp32 originals may live in a memory-mapped file (safetensors) that the weights
+        # left as they were still map: give those their own memory, so the map is released.
+        for param in model.parameters():
+            if param.dtype != torch.bfloat16:
+                param.data = param.data.clone()
+        _return_freed_memory()
     return narrowed
+
+
+def _return_freed_memory() -> None:
+    """Give the freed fp32 weights' pages back to the system. glibc keeps freed heap memory
+    for reuse, so the process would go on holding it: 400 MB of the default model's
+    projections, a third of a LoRA run's peak. A no-op where libc has no ``malloc_trim``."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has none)
+        return
+    trim(0)
 
 
 __all__ = ["hold_frozen_in_bf16", "native_bf16"]
