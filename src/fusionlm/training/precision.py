@@ -24,7 +24,8 @@ def hold_frozen_in_bf16(model: nn.Module) -> int:
 
     Under bf16 autocast these weights are only ever read as bf16: held so, they take half the
     memory and are not cast again at every forward. Trained weights, norms and embeddings
-    (the input side of a tied output matrix) are left as they are.
+    (the input side of a tied output matrix) stay as they are, in memory of their own, and
+    the memory of the fp32 originals goes back to the system.
     """
     narrowed = 0
     for module in model.modules():
