@@ -310,28 +310,6 @@ def _sentencepiece_backend(
     return backend
 
 
-def _spelled_bpe_backend(tokens: list[str], merges: list[tuple[str, str]]) -> _Backend:
-    """Gemma 4's BPE: merges over the text's own characters (no byte alphabet), spaces
-    spelled "▁" and no space prefix, within runs of newlines and runs of anything else;
-    a piece no token spells becomes its bytes (``<0xXX>``)."""
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    backend = _Backend(
-        _bpe(
-            vocab=vocab,
-            merges=merges,
-            fuse_unk=True,
-            byte_fallback=True,
-            dropout=None,
-        )
-    )
-    backend.normalizer = normalizers.Replace(" ", _SPIECE_SPACE)
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated")
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace(_SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
-    return backend
-
-
 def _rstrip_rule(metadata: Mapping[str, Any]) -> Callable[[str], bool]:
     """Whether a special token eats the whitespace after it: llama.cpp says so by model name
     (the file does not), for Phi-3 every special token but ``<unk>``, ``<s>`` and
@@ -436,7 +414,10 @@ def tokenizer_options(metadata: Mapping[str, Any]) -> dict[str, Any]:
     elif kind == "gemma4":
         if merges is None:
             raise InvalidInputError("a gemma4 GGUF vocabulary needs tokenizer.ggml.merges")
-        backend = _spelled_bpe_backend(tokens, _parse_merges(merges))
+        # Sentencepiece's BPE over spelled text (spaces as "▁", no prefix, <0xXX> bytes),
+        # within runs of newlines and runs of anything else.
+        backend = _sentencepiece_backend(tokens, _parse_merges(merges), add_space_prefix=False)
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated")
         add_bos = True  # llama.cpp adds Gemma 4's BOS whatever the file says
         control_ok = lambda tok: True  # noqa: E731
     else:
