@@ -246,12 +246,26 @@ def test_f32_file_gives_transformers_logits(tmp_path: Path, overrides: dict[str,
     torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
 
 
-def test_qwen2_file_gives_transformers_logits(tmp_path: Path) -> None:
-    """A qwen2 GGUF: Llama's blocks with biases on q, k and v (not o), NeoX RoPE (Q/K rows as
-    transformers has them), keys under ``qwen2.``: our logits are transformers' Qwen2's."""
+@pytest.mark.parametrize(
+    ("arch", "head_dim", "projections"),
+    [
+        # Biases on q, k and v, not o.
+        ("qwen2", 16, {"attention_bias": True, "attention_output_bias": False, "qk_norm": False}),
+        # An RMSNorm on each head's query and key before RoPE; head_dim not hidden / heads, as
+        # in Qwen3's own configs.
+        ("qwen3", 24, {"attention_bias": False, "attention_output_bias": False, "qk_norm": True}),
+    ],
+)
+def test_qwen_file_gives_transformers_logits(
+    tmp_path: Path, arch: str, head_dim: int, projections: dict[str, Any]
+) -> None:
+    """A qwen2 or qwen3 GGUF: Llama's blocks with their projections, NeoX RoPE (Q/K rows as
+    transformers has them), keys under ``{arch}.``: our logits are transformers' own, and so
+    are those of the transformers directory written from it, read by either library."""
     import transformers
 
-    config = transformers.Qwen2Config(
+    family = {"qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=128,
@@ -262,47 +276,18 @@ def test_qwen2_file_gives_transformers_logits(tmp_path: Path) -> None:
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
-    config.head_dim = 16  # what write_gguf records as the key length
+    config.head_dim = head_dim  # what write_gguf records as the key length
     torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     randomize_(hf)
-    path = write_gguf(tmp_path / "qwen2.gguf", hf, arch="qwen2")
-    checkpoint = read_gguf(path, dtype=torch.float32)
-    assert checkpoint.config.attention_bias and checkpoint.config.attention_output_bias is False
+    path = write_gguf(tmp_path / f"{arch}.gguf", hf, arch=arch)
+    ours = read_gguf(path, dtype=torch.float32).config
+    assert {key: getattr(ours, key) for key in projections} == projections
+    assert ours.head_dim == head_dim
     with torch.no_grad():
         expected = hf(TOKENS).logits
     torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
-    _assert_written_directory_gives(path, tmp_path / "hf", expected, arch="Qwen2ForCausalLM")
-
-
-def test_qwen3_file_gives_transformers_logits(tmp_path: Path) -> None:
-    """A qwen3 GGUF: Llama's blocks with an RMSNorm on each head's query and key before RoPE,
-    NeoX RoPE, keys under ``qwen3.``: our logits are transformers' Qwen3's, and so are those
-    of the transformers directory written from it, read by either library."""
-    import transformers
-
-    config = transformers.Qwen3Config(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,  # not hidden / heads, as in Qwen3's own configs
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    hf = transformers.Qwen3ForCausalLM(config).eval()
-    randomize_(hf)
-    path = write_gguf(tmp_path / "qwen3.gguf", hf, arch="qwen3")
-    checkpoint = read_gguf(path, dtype=torch.float32)
-    assert checkpoint.config.qk_norm and checkpoint.config.head_dim == 24
-    with torch.no_grad():
-        expected = hf(TOKENS).logits
-    torch.testing.assert_close(our_logits(path, TOKENS), expected, atol=1e-4, rtol=0)
-    _assert_written_directory_gives(path, tmp_path / "hf", expected, arch="Qwen3ForCausalLM")
+    _assert_written_directory_gives(path, tmp_path / "hf", expected, arch=f"{family}ForCausalLM")
 
 
 def _assert_written_directory_gives(
