@@ -156,13 +156,14 @@ class LlamaConfig:
             "rope_theta": fields.pop("rope_theta"),
             **rope_params,
         }
-        qwen2 = self.attention_bias and output_bias is False
-        if qk_norm and not self.mlp_bias and output_bias in (None, self.attention_bias):
+        same_biases = output_bias in (None, self.attention_bias)  # on all of q, k, v, o or none
+        qwen2_biases = self.attention_bias and output_bias is False
+        if qk_norm and same_biases and not self.mlp_bias:
             return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **fields}
-        if qwen2 and not qk_norm and not self.mlp_bias:
+        if qwen2_biases and not qk_norm and not self.mlp_bias:
             del fields["attention_bias"], fields["mlp_bias"]  # Qwen2's biases are fixed
             return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **fields}
-        if not qk_norm and output_bias in (None, self.attention_bias):
+        if same_biases and not qk_norm:
             return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **fields}
         raise InvalidInputError(
             "this model's projections (biases on q, k, v but not o, or query and key norms, "
