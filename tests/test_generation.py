@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import fusionlm
-from fusionlm.generation import SamplingParams, _split_at_stop_strings, generate, sample
+from fusionlm.generation import (
+    PREFILL_CHUNK,
+    SamplingParams,
+    _split_at_stop_strings,
+    generate,
+    sample,
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +24,10 @@ def pair(tmp_path_factory):
     return fusionlm.load_model(directory), reference
 
 
-def test_greedy_equals_transformers_generate(pair):
+@pytest.mark.parametrize("chunk", [PREFILL_CHUNK, 3])
+def test_greedy_equals_transformers_generate(pair, chunk, monkeypatch):
+    """Also with the prompt run 3 tokens at a time (3 chunks)."""
+    monkeypatch.setattr(fusionlm.generation, "PREFILL_CHUNK", chunk)
     model, reference = pair
     prompt = torch.randint(1, 96, (1, 7))
     with torch.no_grad():
@@ -26,6 +35,7 @@ def test_greedy_equals_transformers_generate(pair):
             prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, 7:].tolist()
     assert generate(model, [prompt[0].tolist()], max_new_tokens=20) == [expected]
+    assert generate(model, [prompt[0].tolist()], max_new_tokens=20, compile=False) == [expected]
 
 
 def test_repetition_penalty_equals_transformers(pair):
@@ -45,7 +55,9 @@ def test_repetition_penalty_equals_transformers(pair):
     ]
 
 
-def test_batch_of_different_lengths_equals_each_alone(pair):
+def test_batch_of_different_lengths_equals_each_alone(pair, monkeypatch):
+    """Prompts run 4 tokens at a time: chunks of the padded batch hold padding and tokens."""
+    monkeypatch.setattr(fusionlm.generation, "PREFILL_CHUNK", 4)
     model, _ = pair
     prompts = [torch.randint(1, 96, (n,)).tolist() for n in (3, 12, 7, 1)]
     batched = generate(model, prompts, max_new_tokens=12)

@@ -75,7 +75,10 @@ def reference_generate(reference, config, prompts, images, max_new_tokens: int):
     return out[:, longest:].tolist()
 
 
-def test_greedy_generation_with_images_equals_transformers(pair):
+def test_greedy_generation_with_images_equals_transformers(pair, monkeypatch):
+    """Prompts run 4 tokens at a time: later chunks read the images from the cross-attention
+    caches."""
+    monkeypatch.setattr(fusionlm.generation, "PREFILL_CHUNK", 4)
     model, reference = pair
     batched = fusionlm.generate(model, PROMPTS, images=IMAGES, max_new_tokens=12)
     assert batched == reference_generate(reference, model.config, PROMPTS, IMAGES, 12)

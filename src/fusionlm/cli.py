@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--prefill-chunk",
         type=int,
-        default=256,
-        help="prompt tokens prefilled between two decode steps",
+        help="prompt tokens prefilled between two decode steps (default 256, as generate runs "
+        "them)",
     )
     server.set_defaults(run=run_serve)
 
@@ -639,7 +639,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     for name in ("slots", "ctx", "port", "prefill_chunk"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_queue < 0:
         raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -702,7 +702,7 @@ def run_serve(args: argparse.Namespace) -> int:
             api_keys=keys,
             drain_timeout=args.drain_timeout,
             compile=True if args.compile == "auto" else args.compile,
-            prefill_chunk=args.prefill_chunk,
+            **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
         )
     return 0
 

@@ -38,16 +38,13 @@ import torch
 from torch import Tensor
 
 from fusionlm.errors import InvalidInputError
-from fusionlm.generation import SamplingParams, sample
+from fusionlm.generation import PREFILL_CHUNK, SamplingParams, sample
 from fusionlm.inference.decode_step import CompileMode, DecodeStep
 from fusionlm.modules.decoder import TransformerDecoder, cache_row
 from fusionlm.modules.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from fusionlm.serving.metrics import ServerMetrics
-
-DEFAULT_PREFILL_CHUNK = 256
-"""Prompt tokens prefilled between two decode steps."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -170,7 +167,7 @@ class Engine:
         ctx: int,
         max_queue: int,
         compile: CompileMode = True,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk: int = PREFILL_CHUNK,
         metrics: ServerMetrics | None = None,
     ) -> None:
         if slots < 1 or ctx < 2 or max_queue < 0 or prefill_chunk < 1:
@@ -576,7 +573,6 @@ def _with_logprobs(event: Token, logits: Tensor, *, top: int) -> Token:
 
 
 __all__ = [
-    "DEFAULT_PREFILL_CHUNK",
     "Engine",
     "Event",
     "Failed",

@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import uvicorn
 
+from fusionlm.generation import PREFILL_CHUNK
 from fusionlm.inference.decode_step import CompileMode
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.serving.app import ServerState, create_app
-from fusionlm.serving.engine import DEFAULT_PREFILL_CHUNK, Engine
+from fusionlm.serving.engine import Engine
 from fusionlm.serving.metrics import ServerMetrics
 from fusionlm.tokenizer import Tokenizer
 
@@ -36,7 +37,7 @@ def serve(
     api_keys: Sequence[str] = (),
     drain_timeout: float = 30.0,
     compile: CompileMode = True,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> None:
     """Serve until SIGTERM or Ctrl-C. ``load`` makes the model on the engine thread (the
     server answers ``/health`` with 503 meanwhile).
