@@ -15,7 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlm.checkpoint.gguf import PERMUTED_QK, StoredTensor, read_gguf, read_gguf_metadata
+from fusionlm.checkpoint.gguf import (
+    PERMUTED_QK,
+    LongArray,
+    StoredTensor,
+    read_gguf,
+    read_gguf_metadata,
+)
 from fusionlm.checkpoint.keys import GGUF_LLAMA_KEYS
 from fusionlm.generation import generate
 from fusionlm.inference.quantize import WeightOnlyLinear, linear_weights_in_format, quantize
@@ -463,6 +469,14 @@ def test_default_model_config_and_tensors() -> None:
     assert len(checkpoint.state_dict) == 2 + 30 * 9
     assert all(torch.isfinite(t).all() for t in checkpoint.state_dict.values())
     assert checkpoint.metadata["tokenizer.ggml.model"] == "gpt2"
+    # The vocabulary and merges are not parsed to load the weights; the tokenizer reads them.
+    tokens = checkpoint.metadata["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, LongArray) and len(tokens) == 49152
+    assert isinstance(checkpoint.metadata["tokenizer.ggml.merges"], LongArray)
+    metadata = read_gguf_metadata(default_gguf())
+    assert len(metadata["tokenizer.ggml.tokens"]) == 49152
+    assert metadata["tokenizer.ggml.tokens"][:2] == ["<|endoftext|>", "<|im_start|>"]
+    assert len(metadata["tokenizer.ggml.merges"]) == 48900
 
 
 @pytest.mark.slow
