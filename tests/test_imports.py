@@ -1,5 +1,5 @@
-"""Imports cost only what is used: no compiler stack for loading and generating, no torch
-for ``fusionlm --help``."""
+"""Imports cost only what is used: no compiler stack for loading and generating, no tokenizer
+libraries for weights alone, no torch for ``fusionlm --help``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def imported_after(code: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_loading_and_generating_do_not_import_the_compiler_stack(hf_llama_dir):
+def test_loading_and_generating_import_neither_compilers_nor_tokenizers(hf_llama_dir):
     directory, _ = hf_llama_dir
     modules = imported_after(
         "import fusionlm\n"
@@ -29,6 +29,8 @@ def test_loading_and_generating_do_not_import_the_compiler_stack(hf_llama_dir):
     )
     assert "fusionlm.generation" in modules
     assert not {m for m in modules if m.startswith(COMPILER_STACK)}
+    # Weights alone need no tokenizer: its libraries load with the first tokenizer.
+    assert not modules & {"fusionlm.tokenizer", "tokenizers", "jinja2"}
 
 
 def test_every_public_name_is_its_home_modules_object():

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -35,7 +36,9 @@ from fusionlm.models.llama import LlamaConfig, llama
 from fusionlm.models.registry import DEFAULT_MODEL, MODELS, resolve
 from fusionlm.modules.decoder import TransformerDecoder
 from fusionlm.modules.fusion import DeepFusionModel
-from fusionlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fusionlm.tokenizer import Tokenizer
 
 SUPPORTED_HF_MODEL_TYPES = ("llama", "mllama", "qwen2", "qwen3")
 
@@ -106,6 +109,10 @@ def load_tokenizer(source: str | os.PathLike[str] = DEFAULT_MODEL) -> Tokenizer:
         FileNotFoundError: the source or its tokenizer files do not exist.
         ValueError: an unsupported tokenizer.
     """
+    # Imported here: a process that loads only weights does without tokenizers and jinja2
+    # (5 MB and 25 ms).
+    from fusionlm.tokenizer import Tokenizer
+
     path = model_path(source)
     if path.is_dir():
         return Tokenizer.from_dir(path)
