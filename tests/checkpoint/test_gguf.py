@@ -648,6 +648,10 @@ def test_weight_only_layers_compute_with_the_blocks_as_stored(
     for name, module in int4.named_modules():
         if isinstance(module, WeightOnlyLinear) and name.startswith("layers."):
             assert module.format == format, name
+            if format == "int4":  # offsets as the blocks store them; Q4_K's need fp32
+                assert module.offset.dtype == (
+                    torch.float32 if qtype == Q.Q4_K else torch.float16
+                ), name
             assert torch.equal(module.dequantize(), fp32.get_submodule(name).weight), name
     assert int4.output is int4.tok_embeddings.table and int4.output.format == format
     assert torch.equal(int4.output.dequantize(), fp32.tok_embeddings.weight)

@@ -76,6 +76,24 @@ def test_each_path_runs_its_own_code(isa, format):
         assert torch.equal(y, results[isa]) == (path == isa), path
 
 
+def test_fp16_offsets_give_their_fp32_values_products_bit_for_bit(isa):
+    """int4 offsets held in fp16 (as Q4_0 and Q4_1 blocks store them) are widened exactly: the
+    products, and the dequantized weight, equal those of the same values in fp32, also for a
+    weight with fp16 offsets beside one with fp32 offsets in one call."""
+    (packed, scale, offset), _ = weights("int4", 40, 608)  # 19 groups: a vector and a tail
+    half = offset[0].half()
+    x = torch.randn(5, 608)
+    (expected,) = torch.ops.fusionlm.linear_int4(x, packed, scale, [half.float()])
+    mixed = torch.ops.fusionlm.linear_int4(x, packed * 2, scale * 2, [half, half.float()])
+    assert torch.equal(mixed[0], expected) and torch.equal(mixed[1], expected)
+    assert torch.equal(
+        torch.ops.fusionlm.dequantize(packed[0], scale[0], half),
+        torch.ops.fusionlm.dequantize(packed[0], scale[0], half.float()),
+    )
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        torch.ops.fusionlm.linear_int4(x, packed, scale, [offset[0].bfloat16()])
+
+
 def test_use_isa_refuses_unknown_paths():
     with pytest.raises(RuntimeError, match="unknown kernel path 'avx9'; choose auto"):
         torch.ops.fusionlm.use_isa("avx9")

@@ -22,9 +22,14 @@ Q = GGMLQuantizationType
 # the in-place forms in the common types save a pass over memory each.
 
 
+def _half(raw: Tensor) -> Tensor:
+    """[n, 2] uint8 -> [n, 1] float16."""
+    return raw.contiguous().view(torch.float16)
+
+
 def _f16(raw: Tensor) -> Tensor:
     """[n, 2] uint8 -> [n, 1] float32."""
-    return raw.contiguous().view(torch.float16).float()
+    return _half(raw).float()
 
 
 def _u8(values: list[int], *shape: int) -> Tensor:
@@ -154,14 +159,16 @@ def _dq_q6_k(b: Tensor) -> Tensor:
     return (d * q).view(n, 256)
 
 
-# The affine forms: q, and scale and offset fp32 [n, block / 32] (offset None for Q8_0), where q
+# The affine forms: q, and scale and offset [n, block / 32] (offset None for Q8_0), where q
 # is int8 [n, block] for Q8_0 and, for the 4-bit types, bytes [n, block / 2] holding two values
 # each in Q4_0's order: per group of 32, value j in the low nibble of byte j and value j + 16
 # in its high nibble (Q4_0 and Q4_1 blocks already hold exactly these bytes; Q4_K's, which
 # pair value j with j + 32, are repacked). Every product scale * q is exact in fp32 (an f16
 # scale, or Q4_K's f16 x 6-bit scale, times a 4-bit value), and so is Q4_0's
 # d * q - 8 * d = d * (q - 8): only Q4_1 and Q4_K round once, in their additions, as the
-# dequantizers do.
+# dequantizers do. Offsets stay fp16 where the block stores them so (Q4_1's m, and Q4_0's
+# -8 * d, exact in fp16 too): the kernels read them a vector at a time, where widening is
+# free, and they are an eighth of a layer's bytes in fp32. Q4_K's (f16 x 6-bit) are fp32.
 
 
 def _affine_q8_0(b: Tensor) -> tuple[Tensor, Tensor, None]:
@@ -169,12 +176,12 @@ def _affine_q8_0(b: Tensor) -> tuple[Tensor, Tensor, None]:
 
 
 def _affine_q4_0(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    d = _f16(b[:, :2])
-    return b[:, 2:].clone(), d, d * -8.0
+    d = _half(b[:, :2])
+    return b[:, 2:].clone(), d.float(), d * -8.0
 
 
 def _affine_q4_1(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return b[:, 4:].clone(), _f16(b[:, :2]), _f16(b[:, 2:4])
+    return b[:, 4:].clone(), _f16(b[:, :2]), _half(b[:, 2:4])
 
 
 def _affine_q4_k(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -3,7 +3,8 @@
 // defining `Vec` there:
 //   F                           the vector of kLanes floats
 //   kLanes, kMaxRows            lanes per vector; rows of x per block (accumulators that fit)
-//   zero, load, set1, add, mul, fma, sum (of the lanes)
+//   zero, load (kLanes floats, or kLanes fp16 widened), set1, add, mul, fma, sum (of the lanes)
+//   scalar(v)                   an offset as fp32 (v: float, or fp16 bits)
 //   int8_group(q, w), int4_group(q, w)
 //                               a group's kGroup weights as kGroup / kLanes vectors of floats
 // Within a row, groups alternate between two accumulators, so consecutive groups'
@@ -55,9 +56,10 @@ void int8_rows(const float* x, const int8_t* q, const float* scale, int64_t grou
   for (int r = 0; r < R; ++r) out[r * out_stride] = Vec::sum(Vec::add(acc[r][0], acc[r][1]));
 }
 
-template <int R>
+// Offset: float, or uint16_t holding fp16 (widened as loaded).
+template <int R, typename Offset>
 void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const float* scale,
-               const float* offset, int64_t groups, float* out, int64_t out_stride) {
+               const Offset* offset, int64_t groups, float* out, int64_t out_stride) {
   typename Vec::F acc[R][2];
   sum_groups<R>(x, scale, groups, [&](int64_t g, typename Vec::F* w) {
     const uint8_t* qg = q + g * (kGroup / 2);
@@ -72,7 +74,7 @@ void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const floa
       offsets = Vec::fma(Vec::load(offset + g), Vec::load(sums + g), offsets);
     }
     float total = Vec::sum(Vec::add(Vec::add(acc[r][0], acc[r][1]), offsets));
-    for (; g < groups; ++g) total += offset[g] * sums[g];
+    for (; g < groups; ++g) total += Vec::scalar(offset[g]) * sums[g];
     out[r * out_stride] = total;
   }
 }
@@ -86,8 +88,9 @@ void int8_block(int64_t rows, const float* x, const int8_t* q, const float* scal
   }
 }
 
+template <typename Offset>
 void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
-                const float* scale, const float* offset, int64_t groups, float* out,
+                const float* scale, const Offset* offset, int64_t groups, float* out,
                 int64_t out_stride) {
   switch (rows) {
     case Vec::kMaxRows:

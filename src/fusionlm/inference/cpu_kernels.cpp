@@ -1,9 +1,9 @@
 // Kernels for decoding on CPU, where PyTorch's general ones lose time:
 // - matrix-vector products y = x @ W.T for a few rows of fp32 activations, with W stored as
 //   fp32, as bf16, as int8 with one fp32 scale per 32 consecutive inputs (llama.cpp's Q8_0
-//   layout), or as int4 with an fp32 scale and offset per 32 inputs (Q4_0, Q4_1 and Q4_K
-//   blocks, repacked). Decoding streams every weight once per token, so these run at memory
-//   bandwidth. fp32 and bf16 use AVX2/FMA where the compiler targets it, plain loops
+//   layout), or as int4 with an fp32 scale and an fp32 or fp16 offset per 32 inputs (Q4_0,
+//   Q4_1 and Q4_K blocks, repacked). Decoding streams every weight once per token, so these
+//   run at memory bandwidth. fp32 and bf16 use AVX2/FMA where the compiler targets it, plain loops
 //   elsewhere; int8 and int4 pick AVX-512, AVX2 or portable code when called, by what the CPU
 //   runs.
 //   Rows of zeros are skipped.
@@ -139,10 +139,12 @@ float dot(const float* x, const Weight* w, int64_t k_size) {
 // ----------------------------------------------------- int8 and int4, paths chosen at run time
 // int8 weights: one fp32 scale per group of kGroup inputs, w = scale * q (llama.cpp's Q8_0).
 // int4 weights: values q in [0, 15] in groups of kGroup inputs, w = scale * q + offset with one
-// fp32 scale and offset per group ([n, k / 32] each). A group's 16 bytes hold input j in the low
-// nibble of byte j and input j + 16 in its high nibble (ggml's Q4_0 / Q4_1 block order). Per row
-// of x: x . w = sum over groups g of scale_g * (x_g . q_g) + offset_g * sum(x_g), where the
-// group sums of x are computed once per call, so the inner loop only widens q and multiplies.
+// fp32 scale and one offset per group ([n, k / 32] each); offsets are fp32, or fp16 as Q4_0 and
+// Q4_1 blocks store them (read a vector at a time, so widening them costs nothing). A group's
+// 16 bytes hold input j in the low nibble of byte j and input j + 16 in its high nibble (ggml's
+// Q4_0 / Q4_1 block order). Per row of x: x . w = sum over groups g of scale_g * (x_g . q_g) +
+// offset_g * sum(x_g), where the group sums of x are computed once per call, so the inner loop
+// only widens q and multiplies.
 //
 // Three paths, chosen per call by what the CPU runs (or forced by use_isa, for tests): AVX-512
 // (16 lanes, up to 8 rows per block), AVX2 + FMA (8 lanes, 4 rows) and portable C++. The vector
@@ -176,10 +178,15 @@ Isa active_isa() {
   return Isa::kScalar;
 }
 
+// An offset as fp32: fp16 ones are held as their raw bits (uint16_t), widened exactly.
+inline float offset_value(float value) { return value; }
+inline float offset_value(uint16_t fp16) { return c10::detail::fp16_ieee_to_fp32_value(fp16); }
+
 // out[r * out_stride] = row r of x [rows, groups * kGroup] times one int4 weight row, given the
-// rows' group sums x_sums [rows, groups].
+// rows' group sums x_sums [rows, groups]; Offset: float, or uint16_t for fp16.
+template <typename Offset>
 using Int4Block = void (*)(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
-                           const float* scale, const float* offset, int64_t groups, float* out,
+                           const float* scale, const Offset* offset, int64_t groups, float* out,
                            int64_t out_stride);
 
 // out[r * out_stride] = row r of x [rows, groups * kGroup] times one int8 weight row.
@@ -200,8 +207,9 @@ void int8_block_scalar(int64_t rows, const float* x, const int8_t* q, const floa
   }
 }
 
+template <typename Offset>
 void int4_block_scalar(int64_t rows, const float* x, const float* x_sums, const uint8_t* q,
-                       const float* scale, const float* offset, int64_t groups, float* out,
+                       const float* scale, const Offset* offset, int64_t groups, float* out,
                        int64_t out_stride) {
   for (int64_t r = 0; r < rows; ++r) {
     float total = 0.0f;
@@ -213,7 +221,7 @@ void int4_block_scalar(int64_t rows, const float* x, const float* x_sums, const 
         part += xg[j] * static_cast<float>(qg[j] & 0x0F) +
                 xg[j + kGroup / 2] * static_cast<float>(qg[j] >> 4);
       }
-      total += part * scale[g] + offset[g] * x_sums[r * groups + g];
+      total += part * scale[g] + offset_value(offset[g]) * x_sums[r * groups + g];
     }
     out[r * out_stride] = total;
   }
@@ -221,7 +229,7 @@ void int4_block_scalar(int64_t rows, const float* x, const float* x_sums, const 
 
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 
 struct Vec {
@@ -240,6 +248,11 @@ struct Vec {
     half = _mm_add_ss(half, _mm_movehdup_ps(half));
     return _mm_cvtss_f32(half);
   }
+  static F load(const uint16_t* p) {  // 8 fp16
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static float scalar(float value) { return value; }
+  static float scalar(uint16_t fp16) { return _cvtsh_ss(fp16); }
   static F widen(__m128i bytes) {  // the low 8 unsigned bytes -> 8 fp32
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
   }
@@ -266,7 +279,7 @@ struct Vec {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx2,fma,f16c")
 namespace avx512 {
 
 struct Vec {
@@ -275,6 +288,11 @@ struct Vec {
   static constexpr int kMaxRows = 8;  // 2 x 8 accumulators + 2 weights of 32 registers
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load(const uint16_t* p) {  // 16 fp16
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static float scalar(float value) { return value; }
+  static float scalar(uint16_t fp16) { return _cvtsh_ss(fp16); }
   static F set1(float value) { return _mm512_set1_ps(value); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
@@ -300,20 +318,52 @@ struct Vec {
 #pragma GCC pop_options
 #endif
 
-// An instruction set's int8 and int4 kernels, and the rows of x a block of theirs takes.
+// An instruction set's int8 and int4 kernels (the latter for fp32 and fp16 offsets), and the
+// rows of x a block of theirs takes.
 struct GroupKernels {
   Int8Block int8;
-  Int4Block int4;
+  Int4Block<float> int4;
+  Int4Block<uint16_t> int4_half_offsets;
   int64_t max_block;
 };
 
 GroupKernels group_kernels(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (isa == Isa::kAvx512) return {avx512::int8_block, avx512::int4_block, avx512::Vec::kMaxRows};
-  if (isa == Isa::kAvx2) return {avx2::int8_block, avx2::int4_block, avx2::Vec::kMaxRows};
+  if (isa == Isa::kAvx512) {
+    using namespace avx512;
+    return {int8_block, int4_block<float>, int4_block<uint16_t>, Vec::kMaxRows};
+  }
+  if (isa == Isa::kAvx2) {
+    using namespace avx2;
+    return {int8_block, int4_block<float>, int4_block<uint16_t>, Vec::kMaxRows};
+  }
 #endif
-  return {int8_block_scalar, int4_block_scalar, kBlockRows};
+  return {int8_block_scalar, int4_block_scalar<float>, int4_block_scalar<uint16_t>, kBlockRows};
 }
+
+// An int4 weight's offsets [n, groups], fp32 or fp16, checked.
+struct Offsets {
+  Offsets(const at::Tensor& t, int64_t n, int64_t groups) : groups(groups) {
+    TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf) &&
+                    t.is_contiguous() && t.dim() == 2 && t.size(0) == n && t.size(1) == groups,
+                "each offset must be a contiguous float32 or float16 [", n, ", ", groups,
+                "] tensor, got ", t.scalar_type(), " ", t.sizes());
+    half = t.scalar_type() == at::kHalf;
+    data = t.data_ptr();
+  }
+  // Row n's offsets: Offset is float for fp32, uint16_t (the bits) for fp16.
+  template <typename Offset>
+  const Offset* row(int64_t n) const {
+    return static_cast<const Offset*>(data) + n * groups;
+  }
+  float at(int64_t index) const {
+    return half ? offset_value(static_cast<const uint16_t*>(data)[index])
+                : static_cast<const float*>(data)[index];
+  }
+  int64_t groups;
+  bool half = false;
+  const void* data = nullptr;
+};
 
 // One block of `rows` rows (1, 2 or kBlockRows) through dot_rows.
 template <typename Weight>
@@ -498,21 +548,20 @@ std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
   TORCH_CHECK(!weights.empty() && scales.size() == weights.size() &&
                   offsets.size() == weights.size(),
               "give at least one weight, and one scale and one offset per weight");
+  std::vector<Offsets> o;
   for (size_t i = 0; i < weights.size(); ++i) {
     const auto& weight = weights[i];
     TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 &&
                     weight.is_contiguous() && weight.size(1) == k / 2,
                 "each weight must be a contiguous uint8 [n, k / 2] tensor with k = ", k);
-    for (const auto* t : {&scales[i], &offsets[i]}) {
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
-                      t->size(0) == weight.size(0) && t->size(1) == groups,
-                  "each scale and offset must be a contiguous float32 [n, k / ", kGroup,
-                  "] tensor");
-    }
+    const auto& scale = scales[i];
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+                    scale.size(0) == weight.size(0) && scale.size(1) == groups,
+                "each scale must be a contiguous float32 [n, k / ", kGroup, "] tensor");
+    o.emplace_back(offsets[i], weight.size(0), groups);
   }
   const auto q = pointers<uint8_t>(weights);
   const auto s = pointers<float>(scales);
-  const auto o = pointers<float>(offsets);
   const GroupKernels kernels = group_kernels(active_isa());
   const auto input = x.contiguous();
   const int64_t m_size = input.size(0);
@@ -525,8 +574,14 @@ std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
       input, weights,
       [&](int64_t rows, int64_t m, const float* x_rows, size_t i, int64_t n, float* y,
           int64_t y_stride) {
-        kernels.int4(rows, x_rows, x_sums.data() + m * groups, q[i] + n * (k / 2),
-                     s[i] + n * groups, o[i] + n * groups, groups, y, y_stride);
+        const float* sums = x_sums.data() + m * groups;
+        if (o[i].half) {
+          kernels.int4_half_offsets(rows, x_rows, sums, q[i] + n * (k / 2), s[i] + n * groups,
+                                    o[i].row<uint16_t>(n), groups, y, y_stride);
+        } else {
+          kernels.int4(rows, x_rows, sums, q[i] + n * (k / 2), s[i] + n * groups,
+                       o[i].row<float>(n), groups, y, y_stride);
+        }
       },
       kernels.max_block);
 }
@@ -548,15 +603,13 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale,
   const int64_t n = weight.size(0), k = int4 ? 2 * weight.size(1) : weight.size(1);
   const int64_t groups = k / kGroup;
   TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
-  for (const auto* t : {&scale, int4 ? &*offset : &scale}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
-                    t->size(0) == n && t->size(1) == groups,
-                "scale and offset must be contiguous float32 [", n, ", ", groups, "] tensors");
-  }
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+                  scale.size(0) == n && scale.size(1) == groups,
+              "scale must be a contiguous float32 [", n, ", ", groups, "] tensor");
+  const Offsets offsets(int4 ? *offset : scale, n, groups);
   auto out = at::empty({n, k}, scale.options());
   float* op = out.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
-  const float* offp = int4 ? offset->data_ptr<float>() : nullptr;
   const auto* q8 = static_cast<const int8_t*>(weight.data_ptr());
   const auto* q4 = static_cast<const uint8_t*>(weight.data_ptr());
   at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
@@ -568,11 +621,12 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale,
         continue;
       }
       const uint8_t* bytes = q4 + g * (kGroup / 2);
+      const float shift = offsets.at(g);
       for (int64_t j = 0; j < kGroup / 2; ++j) {
         const float low = static_cast<float>(bytes[j] & 0x0F) * s;
         const float high = static_cast<float>(bytes[j] >> 4) * s;
-        values[j] = low + offp[g];
-        values[j + kGroup / 2] = high + offp[g];
+        values[j] = low + shift;
+        values[j + kGroup / 2] = high + shift;
       }
     }
   });
@@ -707,7 +761,8 @@ TORCH_LIBRARY(fusionlm, m) {
   // inputs).T -> [m, n_i] fp32
   m.def("linear_int8(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor[]");
   // x [m, k] fp32 @ (weights[i] [n_i, k / 2] uint8, two int4 values a byte, * scales[i] +
-  // offsets[i], [n_i, k / 32] fp32 each, per group of 32 inputs).T -> [m, n_i] fp32
+  // offsets[i], [n_i, k / 32] each, fp32 (offsets: or fp16), per group of 32 inputs).T ->
+  // [m, n_i] fp32
   m.def("linear_int4(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] offsets) -> Tensor[]");
   // The int4 kernel's paths this CPU runs, fastest first; use_isa(name or "auto") picks one
   // and returns the previous choice.

@@ -11,8 +11,8 @@ converted in registers, accumulated in fp32:
 - ``torch.ops.fusionlm.linear_bf16(x [m, k] fp32, weights: [n_i, k] bf16) -> [m, n_i] fp32``
 - ``torch.ops.fusionlm.linear_int8(x, weights: [n_i, k] int8, scales: [n_i, k / 32] fp32)``
 - ``torch.ops.fusionlm.linear_int4(x, weights: [n_i, k / 2] uint8, scales, offsets:
-  [n_i, k / 32] fp32)``: two 4-bit values a byte (see ``quantize.WeightOnlyLinear``),
-  ``w = scale * q + offset`` per group of 32 inputs.
+  [n_i, k / 32] fp32, offsets fp32 or fp16)``: two 4-bit values a byte (see
+  ``quantize.WeightOnlyLinear``), ``w = scale * q + offset`` per group of 32 inputs.
 
 The int8 and int4 kernels' AVX-512, AVX2 and portable paths are chosen when called, by what
 the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists them, fastest first, and
