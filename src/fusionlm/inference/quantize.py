@@ -120,9 +120,8 @@ class WeightOnlyLinear(nn.Module):
                         f"{format} weights need {name} of shape {list(expected)}, got {got}"
                     )
             scale = scale.float().contiguous()
-            if offset is not None and offset.dtype != torch.float16:
-                offset = offset.float()
-            offset = None if offset is None else offset.contiguous()
+            if offset is not None:  # fp16 as Q4_0 and Q4_1 blocks hold it, else fp32
+                offset = (offset if offset.dtype == torch.float16 else offset.float()).contiguous()
         self.in_features, self.out_features = in_features, out_features
         self.streaming = load_kernels()
         self.register_buffer("weight", weight.contiguous())
