@@ -17,14 +17,16 @@ from fusionlm.modules.decoder import TiedLinear
 
 GROUP_SIZE = INT8_GROUP_SIZE
 """Inputs per scale (and offset) of int8 and int4 weights."""
-QUANTIZED_KERNEL_MAX_ROWS = 32
+QUANTIZED_KERNEL_MAX_ROWS = 64
 """int8 and int4 layers run fusionlm's kernel up to this many rows (a decode step's batch, where
-it also skips idle rows), and more rows (a prompt) as one fp32 GEMM over the weight
-dequantized in one pass (``fusionlm::dequantize``). Measured, [m, 576] x [1536, 576], kernel
-vs dequantize + GEMM: 0.27 vs 0.43 ms at 16 rows, 0.6 vs 0.6 at 32, 1.2 vs 0.9 at 64, 2.5 vs
-1.4 at 128, for int8 and int4 alike (with PyTorch ops for the dequantizing, 3 ms of it for
-int4, the kernel won up to ~200 rows). bf16 layers stop at ``MATVEC_MAX_ROWS``: their BLAS
-call is faster from ~40 rows on."""
+it also skips idle rows, and a short prompt), and more rows (a longer prompt) as one fp32 GEMM
+over the weight dequantized in one pass (``fusionlm::dequantize``). Measured on the default
+model, a whole prompt's forward, the two paths interleaved in one process, kernel / GEMM: 0.59,
+0.75, 1.05 and 1.3 at 37, 64, 128 and 256 tokens for int8; 0.40, 0.55, 0.85 and 1.3 for int4.
+Alone, one [m, 576] x [1536, 576] layer favours the GEMM from ~32 rows on, but in a model the
+dequantized fp32 weights (4 bytes a weight, written then read) cost memory bandwidth the
+kernel's 1 or 0.5 bytes do not. bf16 layers stop at ``MATVEC_MAX_ROWS``: their BLAS call is
+faster from ~40 rows on."""
 QUANTIZE_ROWS = 2048
 """Weight rows converted at a time: bounds the float temporaries of quantizing, and of a GEMM
 over more rows than the kernels take, to a few MB."""
