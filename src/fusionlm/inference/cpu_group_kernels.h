@@ -4,13 +4,16 @@
 //   F                           the vector of kLanes floats
 //   kLanes, kMaxRows            lanes per vector; rows of x per block (accumulators that fit)
 //   zero, load (kLanes floats, or kLanes fp16 widened), set1, add, mul, fma, sum (of the lanes)
-//   scalar(v)                   an offset as fp32 (v: float, or fp16 bits)
 //   int8_group(q, w), int4_group(q, w)
 //                               a group's kGroup weights as kGroup / kLanes vectors of floats
 // Within a row, groups alternate between two accumulators, so consecutive groups'
 // multiply-adds do not wait on each other; each row sums in the same order in any block.
 
 constexpr int kVecs = kGroup / Vec::kLanes;  // vectors per group
+
+// One offset as fp32: a float as it is, fp16 bits widened (F16C, which the target includes).
+inline float widened(float value) { return value; }
+inline float widened(uint16_t fp16) { return _cvtsh_ss(fp16); }
 
 // acc[r][slot] += scale * (row r of x's group g . w), for the R rows of a block.
 template <int R>
@@ -74,7 +77,7 @@ void int4_rows(const float* x, const float* x_sums, const uint8_t* q, const floa
       offsets = Vec::fma(Vec::load(offset + g), Vec::load(sums + g), offsets);
     }
     float total = Vec::sum(Vec::add(Vec::add(acc[r][0], acc[r][1]), offsets));
-    for (; g < groups; ++g) total += Vec::scalar(offset[g]) * sums[g];
+    for (; g < groups; ++g) total += widened(offset[g]) * sums[g];
     out[r * out_stride] = total;
   }
 }

@@ -251,8 +251,6 @@ struct Vec {
   static F load(const uint16_t* p) {  // 8 fp16
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static float scalar(float value) { return value; }
-  static float scalar(uint16_t fp16) { return _cvtsh_ss(fp16); }
   static F widen(__m128i bytes) {  // the low 8 unsigned bytes -> 8 fp32
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
   }
@@ -291,8 +289,6 @@ struct Vec {
   static F load(const uint16_t* p) {  // 16 fp16
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  static float scalar(float value) { return value; }
-  static float scalar(uint16_t fp16) { return _cvtsh_ss(fp16); }
   static F set1(float value) { return _mm512_set1_ps(value); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
