@@ -1,5 +1,5 @@
-"""fusionlm's matvec kernels: the product of the weights they stand for, and a row's result does
-not depend on the rows beside it."""
+"""fusionlm's matvec and prompt kernels: the product of the weights they stand for, and a row's
+result does not depend on the rows beside it."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def weights(format: str, n: int, k: int) -> tuple[list, torch.Tensor]:
 FORMATS = [("fp32", 100), ("bf16", 100), ("int8", 96), ("int4", 96)]
 
 
+def tiled(x: torch.Tensor, args: list) -> torch.Tensor:
+    """``linear_tiled`` on ``weights``' arguments for one int8 or int4 weight."""
+    weight, scale, *offset = (arg[0] for arg in args)
+    return torch.ops.fusionlm.linear_tiled(x, weight, scale, offset[0] if offset else None)
+
+
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Each int4 path this CPU runs, forced for the test (the others are skipped)."""
@@ -61,16 +67,29 @@ def test_each_path_equals_the_dequantized_product(isa, format, rows, k):
 
 
 @pytest.mark.parametrize("format", ["int8", "int4"])
-def test_each_path_runs_its_own_code(isa, format):
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("k", [32, 576])
+def test_each_path_of_the_tiles_equals_the_dequantized_product(isa, format, rows, k):
+    """``linear_tiled`` (a prompt's rows) on every path, against fp64 math: blocks of 6 (3)
+    rows and the rows left over, 50 channels (tiles of 4 (3) and the channels left over)."""
+    args, dense = weights(format, 50, k)
+    x = torch.randn(rows, k)
+    reference = (x.double() @ dense.double().T).float()
+    torch.testing.assert_close(tiled(x, args), reference, atol=1e-4 * k**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("format", ["int8", "int4"])
+@pytest.mark.parametrize("kernel", ["matvec", "tiled"])
+def test_each_path_runs_its_own_code(isa, format, kernel):
     """The paths sum in different orders, so forcing one changes the low bits of a long
     product unless it is the path that ran anyway: proof that ``use_isa`` switches code."""
     args, _ = weights(format, 64, 1536)
-    op = getattr(torch.ops.fusionlm, f"linear_{format}")
-    x = torch.randn(3, 1536)
+    matvec = getattr(torch.ops.fusionlm, f"linear_{format}")
+    x = torch.randn(3 if kernel == "matvec" else 20, 1536)
     results = {}
     for path in torch.ops.fusionlm.cpu_isas():
         torch.ops.fusionlm.use_isa(path)
-        results[path] = op(x, *args)[0]
+        results[path] = matvec(x, *args)[0] if kernel == "matvec" else tiled(x, args)
     torch.ops.fusionlm.use_isa(isa)
     for path, y in results.items():
         assert torch.equal(y, results[isa]) == (path == isa), path
@@ -89,6 +108,11 @@ def test_fp16_offsets_give_their_fp32_values_products_bit_for_bit(isa):
     assert torch.equal(
         torch.ops.fusionlm.dequantize(packed[0], scale[0], half),
         torch.ops.fusionlm.dequantize(packed[0], scale[0], half.float()),
+    )
+    x = torch.randn(20, 608)
+    assert torch.equal(
+        torch.ops.fusionlm.linear_tiled(x, packed[0], scale[0], half),
+        torch.ops.fusionlm.linear_tiled(x, packed[0], scale[0], half.float()),
     )
     with pytest.raises(RuntimeError, match="float32 or float16"):
         torch.ops.fusionlm.linear_int4(x, packed, scale, [offset[0].bfloat16()])
@@ -132,3 +156,29 @@ def test_rows_of_zeros_are_skipped(format, k):
         poisoned = [[torch.full_like(args[0][0], nan)]]
     (y,) = op(x, *poisoned)
     assert torch.equal(y[[1, 4, 5]], torch.zeros(3, 40)) and y[0].isnan().all()
+
+
+@pytest.mark.parametrize("format", ["int8", "int4"])
+def test_tiles_give_each_row_as_that_row_alone_and_skip_rows_of_zeros(format):
+    """A prompt's rows, like a decode step's: each row's result is the one it gets alone, bit
+    for bit, whichever block of rows it falls in, and rows of zeros give zeros without reading
+    the weight (NaN scales)."""
+    args, _ = weights(format, 42, 576)
+    x = torch.randn(23, 576)
+    x[[3, 4, 17]] = 0.0
+    together = tiled(x, args)
+    for m in range(23):
+        assert torch.equal(together[m], tiled(x[m : m + 1], args)[0])
+    poisoned = [args[0], [torch.full_like(args[1][0], float("nan"))], *args[2:]]
+    y = tiled(x, poisoned)
+    assert torch.equal(y[[3, 4, 17]], torch.zeros(3, 42)) and y[0].isnan().all()
+
+
+def test_tiles_refuse_inputs_that_do_not_fit():
+    (w, scale), _ = weights("int8", 8, 64)
+    with pytest.raises(RuntimeError, match=r"x must be a float32 \[m, 64\] tensor"):
+        torch.ops.fusionlm.linear_tiled(torch.randn(20, 96), w[0], scale[0], None)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous uint8 \[n, k / 2\]"):
+        torch.ops.fusionlm.linear_tiled(torch.randn(20, 64), w[0], scale[0], scale[0])
+    with pytest.raises(RuntimeError, match=r"scale must be a contiguous float32 \[8, 2\]"):
+        torch.ops.fusionlm.linear_tiled(torch.randn(20, 64), w[0], scale[0].double(), None)

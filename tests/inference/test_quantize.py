@@ -1,5 +1,5 @@
 """Weight-only bf16, int8 and int4 linears: fp32 math over the dequantized weight, in the
-streaming kernels (a few rows) and in a GEMM (many rows)."""
+streaming kernels (a few rows), and in tiles (int8, int4) or a GEMM (bf16) for many rows."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from fusionlm.inference import quantize as quantize_module
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS
 from fusionlm.inference.quantize import (
     QUANTIZE_ROWS,
-    QUANTIZED_KERNEL_MAX_ROWS,
     QuantizedEmbedding,
     WeightOnlyLinear,
     quantize,
@@ -22,8 +21,8 @@ from fusionlm.inference.quantize import (
 from fusionlm.modules.decoder import TiedLinear
 from tests.helpers import tiny
 
-# bf16: kernels up to MATVEC_MAX_ROWS, then GEMM; int8, int4: up to QUANTIZED_KERNEL_MAX_ROWS.
-ROWS = [1, 3, MATVEC_MAX_ROWS + 1, QUANTIZED_KERNEL_MAX_ROWS + 1]
+# Kernels up to MATVEC_MAX_ROWS, then tiles (int8, int4) or GEMM (bf16); x has 2 rows per row.
+ROWS = [1, 3, MATVEC_MAX_ROWS // 2 + 1, MATVEC_MAX_ROWS * 2]
 FORMATS = ["bf16", "int8", "int4"]
 
 
@@ -52,15 +51,18 @@ def test_the_dequantize_kernel_equals_pytorch_ops_bit_for_bit(format):
     assert torch.equal(q.dequantize(slice(3, 9)), fallback.dequantize()[3:9])
 
 
-def test_many_rows_multiply_a_few_dequantized_weight_rows_at_a_time():
-    """A prompt's GEMM never dequantizes the whole weight of a large matrix (an output head)."""
-    q = WeightOnlyLinear.from_float(torch.randn(QUANTIZE_ROWS + 70, 64), format="int4")
-    x = torch.randn(QUANTIZED_KERNEL_MAX_ROWS + 1, 64)
+@pytest.mark.parametrize("format", FORMATS)
+def test_many_rows_never_dequantize_a_large_weight_whole(format):
+    """A prompt's rows never dequantize the whole of a large matrix (an output head): int8 and
+    int4 run in tiles of a few weight rows, bf16 is a GEMM over QUANTIZE_ROWS rows at a time."""
+    q = WeightOnlyLinear.from_float(torch.randn(QUANTIZE_ROWS + 70, 64), format=format)
+    x = torch.randn(MATVEC_MAX_ROWS + 1, 64)
     calls = []
     dequantize = q.dequantize
     q.dequantize = lambda rows=None: calls.append(rows) or dequantize(rows)
     y = q(x)
-    assert calls == [slice(0, QUANTIZE_ROWS), slice(QUANTIZE_ROWS, 2 * QUANTIZE_ROWS)]
+    expected = [slice(0, QUANTIZE_ROWS), slice(QUANTIZE_ROWS, 2 * QUANTIZE_ROWS)]
+    assert calls == (expected if format == "bf16" else [])
     torch.testing.assert_close(y, x @ dequantize().T, atol=2e-5, rtol=1e-5)
 
 

@@ -39,6 +39,8 @@
 namespace {
 
 constexpr int64_t kGroup = 32;  // inputs per int8 scale
+// Runs [first, end) of consecutive rows of x that are not all zeros (`busy_runs`).
+using Runs = std::vector<std::pair<int64_t, int64_t>>;
 constexpr int64_t kGrain = 64;  // weight rows per parallel task, at least
 // Decoding reads each weight once, so the bf16, int8 and int4 kernels, which spend more
 // instructions per byte than the fp32 one, ask for weights this far ahead of use (1 KB beat
@@ -193,6 +195,15 @@ using Int4Block = void (*)(int64_t rows, const float* x, const float* x_sums, co
 using Int8Block = void (*)(int64_t rows, const float* x, const int8_t* q, const float* scale,
                            int64_t groups, float* out, int64_t out_stride);
 
+// Channels [first, end) of y [m, n] = x [m, k] @ W.T over the busy runs of rows of x, for an
+// int8 weight (q [n, k], scale) or an int4 one (q [n, k / 2], scale, offset).
+using Int8Tiles = void (*)(const float* x, const Runs& runs, int64_t k, int64_t n, int64_t first,
+                           int64_t end, const int8_t* q, const float* scale, float* y);
+template <typename Offset>
+using Int4Tiles = void (*)(const float* x, const Runs& runs, int64_t k, int64_t n, int64_t first,
+                           int64_t end, const uint8_t* q, const float* scale, const Offset* offset,
+                           float* y);
+
 void int8_block_scalar(int64_t rows, const float* x, const int8_t* q, const float* scale,
                        int64_t groups, float* out, int64_t out_stride) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -236,8 +247,10 @@ struct Vec {
   using F = __m256;
   static constexpr int kLanes = 8;
   static constexpr int kMaxRows = 4;  // 2 x 4 accumulators + 4 weights of 16 registers
+  static constexpr int kTileRows = 3, kTileChannels = 3;  // 3 x 3 accumulators + 3 weights
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F set1(float value) { return _mm256_set1_ps(value); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -284,8 +297,10 @@ struct Vec {
   using F = __m512;
   static constexpr int kLanes = 16;
   static constexpr int kMaxRows = 8;  // 2 x 8 accumulators + 2 weights of 32 registers
+  static constexpr int kTileRows = 6, kTileChannels = 4;  // 6 x 4 accumulators + 4 weights
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F load(const uint16_t* p) {  // 16 fp16
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
@@ -314,24 +329,29 @@ struct Vec {
 #pragma GCC pop_options
 #endif
 
-// An instruction set's int8 and int4 kernels (the latter for fp32 and fp16 offsets), and the
-// rows of x a block of theirs takes.
+// An instruction set's int8 and int4 kernels (the latter for fp32 and fp16 offsets): matvec
+// blocks, the rows of x such a block takes, and prompt tiles (none on the portable path).
 struct GroupKernels {
   Int8Block int8;
   Int4Block<float> int4;
   Int4Block<uint16_t> int4_half_offsets;
   int64_t max_block;
+  Int8Tiles int8_tiles = nullptr;
+  Int4Tiles<float> int4_tiles = nullptr;
+  Int4Tiles<uint16_t> int4_half_offset_tiles = nullptr;
 };
 
 GroupKernels group_kernels(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   if (isa == Isa::kAvx512) {
     using namespace avx512;
-    return {int8_block, int4_block<float>, int4_block<uint16_t>, Vec::kMaxRows};
+    return {int8_block,  int4_block<float>,  int4_block<uint16_t>, Vec::kMaxRows,
+            int8_tiles,  int4_tiles<float>,  int4_tiles<uint16_t>};
   }
   if (isa == Isa::kAvx2) {
     using namespace avx2;
-    return {int8_block, int4_block<float>, int4_block<uint16_t>, Vec::kMaxRows};
+    return {int8_block,  int4_block<float>,  int4_block<uint16_t>, Vec::kMaxRows,
+            int8_tiles,  int4_tiles<float>,  int4_tiles<uint16_t>};
   }
 #endif
   return {int8_block_scalar, int4_block_scalar<float>, int4_block_scalar<uint16_t>, kBlockRows};
@@ -339,6 +359,7 @@ GroupKernels group_kernels(Isa isa) {
 
 // An int4 weight's offsets [n, groups], fp32 or fp16, checked.
 struct Offsets {
+  Offsets() = default;
   Offsets(const at::Tensor& t, int64_t n, int64_t groups) : groups(groups) {
     TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf) &&
                     t.is_contiguous() && t.dim() == 2 && t.size(0) == n && t.size(1) == groups,
@@ -356,7 +377,7 @@ struct Offsets {
     return half ? offset_value(static_cast<const uint16_t*>(data)[index])
                 : static_cast<const float*>(data)[index];
   }
-  int64_t groups;
+  int64_t groups = 0;
   bool half = false;
   const void* data = nullptr;
 };
@@ -388,8 +409,8 @@ void check_inputs(const at::Tensor& x, at::TensorList weights, at::ScalarType dt
 
 // The runs [first, end) of consecutive rows of x [m, k] that are not all zeros. A busy row is
 // found at its first value, almost always.
-std::vector<std::pair<int64_t, int64_t>> busy_runs(const float* x, int64_t m_size, int64_t k_size) {
-  std::vector<std::pair<int64_t, int64_t>> runs;
+Runs busy_runs(const float* x, int64_t m_size, int64_t k_size) {
+  Runs runs;
   for (int64_t m = 0; m < m_size; ++m) {
     const float* row = x + m * k_size;
     if (std::none_of(row, row + k_size, [](float value) { return value != 0.0f; })) continue;
@@ -400,6 +421,21 @@ std::vector<std::pair<int64_t, int64_t>> busy_runs(const float* x, int64_t m_siz
     }
   }
   return runs;
+}
+
+// An output [m_size, n] for x's rows, zeros in the rows outside the busy runs.
+at::Tensor output_for(const at::Tensor& x, int64_t n, const Runs& runs) {
+  const int64_t m_size = x.size(0);
+  auto output = at::empty({m_size, n}, x.options());
+  float* out = output.data_ptr<float>();
+  for (int64_t m = 0, run = 0; m < m_size; ++m) {
+    if (run < static_cast<int64_t>(runs.size()) && m >= runs[run].first) {
+      m = runs[run++].second - 1;
+      continue;
+    }
+    std::fill(out + m * n, out + (m + 1) * n, 0.0f);
+  }
+  return output;
 }
 
 // y_i[m, n] = row m of x times row n of weight i, for every weight, as one parallel pass over
@@ -421,16 +457,9 @@ std::vector<at::Tensor> matvecs(const at::Tensor& x, at::TensorList weights,
   std::vector<float*> out;
   std::vector<int64_t> first_row{0};  // weight i owns rows [first_row[i], first_row[i + 1])
   for (const auto& weight : weights) {
-    outputs.push_back(at::empty({m_size, weight.size(0)}, x.options()));
+    outputs.push_back(output_for(x, weight.size(0), runs));
     out.push_back(outputs.back().data_ptr<float>());
     first_row.push_back(first_row.back() + weight.size(0));
-    for (int64_t m = 0, run = 0; m < m_size; ++m) {  // idle rows: zeros
-      if (run < static_cast<int64_t>(runs.size()) && m >= runs[run].first) {
-        m = runs[run++].second - 1;
-        continue;
-      }
-      std::fill(out.back() + m * weight.size(0), out.back() + (m + 1) * weight.size(0), 0.0f);
-    }
   }
   at::parallel_for(0, first_row.back(), kGrain, [&](int64_t begin, int64_t end) {
     size_t i = std::upper_bound(first_row.begin(), first_row.end(), begin) - first_row.begin() - 1;
@@ -582,42 +611,57 @@ std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
       kernels.max_block);
 }
 
-// The fp32 weight of an int8 layer (weight int8 [n, k], scale [n, k / 32]: scale * q) or an
-// int4 one (weight uint8 [n, k / 2], scale and offset [n, k / 32]: scale * q + offset), for
-// a prompt's GEMM: one pass, where PyTorch ops took four over the weight (unpack, widen,
-// scale, offset). Each value is one multiply then one add, never fused, as the GGML
-// dequantizers compute it, so the result equals theirs bit for bit.
+// An int8 weight (weight int8 [n, k], scale fp32 [n, k / 32]: w = scale * q) or an int4 one
+// (weight uint8 [n, k / 2], scale and offset [n, k / 32]: w = scale * q + offset), checked.
+struct QuantizedWeight {
+  QuantizedWeight(const at::Tensor& weight, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& offset)
+      : int4(offset.has_value()) {
+    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
+                    weight.scalar_type() == (int4 ? at::kByte : at::kChar),
+                "weight must be a contiguous ", int4 ? "uint8 [n, k / 2]" : "int8 [n, k]",
+                " tensor, got ", weight.scalar_type(), " ", weight.sizes());
+    n = weight.size(0);
+    k = int4 ? 2 * weight.size(1) : weight.size(1);
+    groups = k / kGroup;
+    TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                    scale.dim() == 2 && scale.size(0) == n && scale.size(1) == groups,
+                "scale must be a contiguous float32 [", n, ", ", groups, "] tensor");
+    q = weight.data_ptr();
+    this->scale = scale.data_ptr<float>();
+    if (int4) offsets = Offsets(*offset, n, groups);
+  }
+  const int8_t* q8() const { return static_cast<const int8_t*>(q); }
+  const uint8_t* q4() const { return static_cast<const uint8_t*>(q); }
+  bool int4;
+  int64_t n = 0, k = 0, groups = 0;
+  const void* q = nullptr;
+  const float* scale = nullptr;
+  Offsets offsets;  // int4 only
+};
+
+// The fp32 weight of an int8 or int4 layer, in one pass where PyTorch ops took four over the
+// weight (unpack, widen, scale, offset). Each value is one multiply then one add, never
+// fused, as the GGML dequantizers compute it, so the result equals theirs bit for bit.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale,
                       const std::optional<at::Tensor>& offset) {
-  const bool int4 = offset.has_value();
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
-                  weight.scalar_type() == (int4 ? at::kByte : at::kChar),
-              "weight must be a contiguous ", int4 ? "uint8 [n, k / 2]" : "int8 [n, k]",
-              " tensor, got ", weight.scalar_type(), " ", weight.sizes());
-  const int64_t n = weight.size(0), k = int4 ? 2 * weight.size(1) : weight.size(1);
-  const int64_t groups = k / kGroup;
-  TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
-                  scale.size(0) == n && scale.size(1) == groups,
-              "scale must be a contiguous float32 [", n, ", ", groups, "] tensor");
-  const Offsets offsets(int4 ? *offset : scale, n, groups);
-  auto out = at::empty({n, k}, scale.options());
+  const QuantizedWeight w(weight, scale, offset);
+  auto out = at::empty({w.n, w.k}, scale.options());
   float* op = out.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  const auto* q8 = static_cast<const int8_t*>(weight.data_ptr());
-  const auto* q4 = static_cast<const uint8_t*>(weight.data_ptr());
-  at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, w.n * w.groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       float* values = op + g * kGroup;
-      const float s = sp[g];
-      if (!int4) {
-        for (int64_t j = 0; j < kGroup; ++j) values[j] = static_cast<float>(q8[g * kGroup + j]) * s;
+      const float s = w.scale[g];
+      if (!w.int4) {
+        const int8_t* q = w.q8() + g * kGroup;
+        for (int64_t j = 0; j < kGroup; ++j) values[j] = static_cast<float>(q[j]) * s;
         continue;
       }
-      const uint8_t* bytes = q4 + g * (kGroup / 2);
-      const float shift = offsets.at(g);
+      const uint8_t* bytes = w.q4() + g * (kGroup / 2);
+      const float shift = w.offsets.at(g);
       for (int64_t j = 0; j < kGroup / 2; ++j) {
         const float low = static_cast<float>(bytes[j] & 0x0F) * s;
         const float high = static_cast<float>(bytes[j] >> 4) * s;
@@ -629,6 +673,36 @@ at::Tensor dequantize(const at::Tensor& weight, const at::Tensor& scale,
   return out;
 }
 #pragma GCC pop_options
+
+// y [m, n] = x [m, k] fp32 @ W.T for an int8 or int4 weight W (see QuantizedWeight), W
+// dequantized a few channels at a time into a buffer every row of x is multiplied by: for a
+// prompt's rows, which share each weight (see cpu_group_kernels.h). Rows of zeros give zeros.
+// Each row's result depends only on that row. The portable path multiplies by `dequantize`.
+at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& offset) {
+  const QuantizedWeight w(weight, scale, offset);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == w.k,
+              "x must be a float32 [m, ", w.k, "] tensor, got ", x.scalar_type(), " ", x.sizes());
+  const GroupKernels kernels = group_kernels(active_isa());
+  if (kernels.int8_tiles == nullptr) return at::mm(x, dequantize(weight, scale, offset).t());
+  const auto input = x.contiguous();
+  const float* xp = input.data_ptr<float>();
+  const Runs runs = busy_runs(xp, input.size(0), w.k);
+  auto output = output_for(input, w.n, runs);
+  float* y = output.data_ptr<float>();
+  at::parallel_for(0, w.n, kGrain, [&](int64_t first, int64_t end) {
+    if (!w.int4) {
+      kernels.int8_tiles(xp, runs, w.k, w.n, first, end, w.q8(), w.scale, y);
+    } else if (w.offsets.half) {
+      kernels.int4_half_offset_tiles(xp, runs, w.k, w.n, first, end, w.q4(), w.scale,
+                                     w.offsets.row<uint16_t>(0), y);
+    } else {
+      kernels.int4_tiles(xp, runs, w.k, w.n, first, end, w.q4(), w.scale,
+                         w.offsets.row<float>(0), y);
+    }
+  });
+  return output;
+}
 
 // The kernel paths this CPU runs, fastest first ("avx512", "avx2", "scalar").
 std::vector<std::string> cpu_isas() {
@@ -764,6 +838,9 @@ TORCH_LIBRARY(fusionlm, m) {
   // and returns the previous choice.
   // int8 weight [n, k] and scale, or int4 weight [n, k / 2], scale and offset -> fp32 [n, k]
   m.def("dequantize(Tensor weight, Tensor scale, Tensor? offset) -> Tensor");
+  // x [m, k] fp32 @ (int8 or int4 weight, scale, offset as for dequantize, fp32 [n, k]).T ->
+  // [m, n] fp32, for a prompt's rows
+  m.def("linear_tiled(Tensor x, Tensor weight, Tensor scale, Tensor? offset) -> Tensor");
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("use_isa(str isa) -> str", &use_isa);
   // q [b, h, 1, d], k and v [b, h_kv, s, d], mask None or bool [1 or b, 1 or h, 1, s] (True =
@@ -777,5 +854,6 @@ TORCH_LIBRARY_IMPL(fusionlm, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize", &dequantize);
+  m.impl("linear_tiled", &linear_tiled);
   m.impl("decode_attention", &decode_attention);
 }

@@ -21,7 +21,9 @@ the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists them, fastest first, and
 Each takes a list of weights that share the input (a layer's q, k and v projections) and
 returns one output per weight, computed in one parallel pass over all their rows.
 ``torch.ops.fusionlm.dequantize(weight, scale, offset or None)`` gives an int8 or int4
-layer's fp32 weight in one pass (for a prompt's GEMM). And one attention kernel for decoding,
+layer's fp32 weight in one pass, and ``torch.ops.fusionlm.linear_tiled(x [m, k], weight,
+scale, offset or None) -> [m, n]`` multiplies a prompt's rows by it a few weight rows at a
+time, dequantized into a buffer the L1 cache holds. And one attention kernel for decoding,
 which reads only the cached keys a query may attend to:
 
 - ``torch.ops.fusionlm.decode_attention(q [b, h, 1, d], k, v [b, h_kv, s, d], mask, scale)``
@@ -50,9 +52,8 @@ from fusionlm.cache import cache_root, cpu_fingerprint
 
 INT8_GROUP_SIZE = 32
 MATVEC_MAX_ROWS = 16
-"""Up to this many rows (decoding) the kernels beat a GEMM; a prompt's rows are one GEMM
-(for bf16 and int8 weights on the dequantized fp32 weight, far faster than bf16 or int8 math
-on CPUs without native bf16)."""
+"""Up to this many rows (decoding) the matvec kernels beat a GEMM; more rows (a prompt) run
+in ``linear_tiled`` (int8, int4) or one GEMM (fp32, bf16)."""
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")  # and cpu_group_kernels.h, which it includes
 
 
@@ -99,6 +100,7 @@ def load_kernels() -> bool:
     torch.library.register_fake("fusionlm::linear_int4")(_outputs_like)
     torch.library.register_fake("fusionlm::decode_attention")(_attention_output_like)
     torch.library.register_fake("fusionlm::dequantize")(_dequantized_like)
+    torch.library.register_fake("fusionlm::linear_tiled")(_tiled_output_like)
     return True
 
 
@@ -130,6 +132,11 @@ def _outputs_like(
 def _dequantized_like(weight: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
     """``dequantize``'s output for tracing: fp32 ``[n, k]``."""
     return scale.new_empty(weight.shape[0], scale.shape[1] * INT8_GROUP_SIZE)
+
+
+def _tiled_output_like(x: Tensor, weight: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
+    """``linear_tiled``'s output for tracing: fp32 ``[m, n]``."""
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _attention_output_like(
