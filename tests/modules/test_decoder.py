@@ -346,3 +346,37 @@ def test_cache_rows_fill_and_decode_independently():
     caches[0].copy_row(0, 2)
     assert caches[0].next_slot.tolist() == [10, 2, 10]
     assert torch.equal(caches[0].k_cache[2, :, :10], caches[0].k_cache[0, :, :10])
+
+
+def test_a_mask_narrowed_once_decodes_like_each_layer_narrowing_it(monkeypatch):
+    """``filled_slots`` narrows a decode step's mask to the filled slots (and the one being
+    written) once, before the step; inside ``masks_cover_filled_slots`` the layers take it
+    as given: the same logits, bit for bit, as each layer narrowing the raw mask itself,
+    with one narrowing per step instead of one per layer."""
+    from fusionlm.modules.decoder import cache_row, filled_slots, masks_cover_filled_slots
+
+    model = tiny("sdpa")
+    model.setup_caches(2, torch.float32, decoder_max_seq_len=32, fixed_shape=True)
+    caches = [m for m in model.modules() if isinstance(m, KVCache)]
+    with torch.no_grad():
+        for row, length in enumerate((7, 3)):
+            with cache_row(model, row):
+                model(torch.randint(0, 96, (1, length)), input_pos=torch.arange(length)[None])
+        tokens, positions = torch.randint(0, 96, (2, 1)), torch.tensor([[7], [3]])
+        raw = torch.ones(2, 1, 1, 32, dtype=torch.bool)
+        expected = model(tokens, mask=raw, input_pos=positions)
+        for cache in caches:
+            cache.set_lengths(torch.tensor([7, 3]))
+        narrowings = []
+        filled_mask = KVCache.filled_mask
+        monkeypatch.setattr(
+            KVCache, "filled_mask", lambda *a, **k: narrowings.append(1) or filled_mask(*a, **k)
+        )
+        mask = raw & filled_slots(model, q_len=1)
+        with masks_cover_filled_slots(model):
+            got = model(tokens, mask=mask, input_pos=positions)
+    assert mask[0, 0, 0].tolist() == [True] * 8 + [False] * 24
+    assert mask[1, 0, 0].tolist() == [True] * 4 + [False] * 28
+    assert len(narrowings) == 1 and len(caches) == 2
+    assert torch.equal(got, expected)
+    assert not any(m.attn.masks_filled_slots for m in model.layers)

@@ -53,7 +53,7 @@ from fusionlm.cache import cache_root, cpu_fingerprint
 from fusionlm.errors import InvalidInputError
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS, load_kernels
 from fusionlm.inference.threads import ThreadPlanner
-from fusionlm.modules.decoder import TransformerDecoder
+from fusionlm.modules.decoder import TransformerDecoder, filled_slots, masks_cover_filled_slots
 from fusionlm.modules.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -80,20 +80,33 @@ def forward_step(
     encoder_mask: Tensor | None = None,
     input_pos: Tensor,
 ) -> Tensor:
-    """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``. A row whose
-    ``mask`` allows no slot is idle: it carries zeros, which the matvec kernels skip, and
-    its logits mean nothing."""
+    """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``. For a
+    ``TransformerDecoder``, ``mask`` must leave out the unfilled slots (``step_mask`` does
+    that); a row whose mask allows no slot is idle: it carries zeros, which the matvec
+    kernels skip, and its logits mean nothing."""
     # isinstance: torch.export traces the model as an instance of a subclass it makes.
     if mask is None or not isinstance(model, TransformerDecoder):  # fusion models: every row
         return model(tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos)[:, -1]
     active_rows = mask.flatten(1).any(dim=1)
-    return model(
-        tokens,
-        mask=mask,
-        encoder_mask=encoder_mask,
-        input_pos=input_pos,
-        active_rows=active_rows,
-    )[:, -1]
+    with masks_cover_filled_slots(model):
+        return model(
+            tokens,
+            mask=mask,
+            encoder_mask=encoder_mask,
+            input_pos=input_pos,
+            active_rows=active_rows,
+        )[:, -1]
+
+
+def step_mask(model: nn.Module, mask: Tensor | None) -> Tensor | None:
+    """A decode step's ``mask`` (bool ``[b, 1, 1, cache length]``, or None: every filled
+    slot) as ``forward_step`` takes it: for a ``TransformerDecoder`` with fixed-shape
+    caches, narrowed to the slots they have filled and the one the step writes, outside the
+    compiled graph; otherwise as it is."""
+    filled = filled_slots(model, q_len=1) if type(model) is TransformerDecoder else None
+    if filled is None:
+        return mask
+    return filled if mask is None else mask & filled
 
 
 class _StepGraph(nn.Module):
@@ -398,7 +411,6 @@ class DecodeStep:
     def __init__(self, model: TransformerDecoder, *, compile: CompileMode) -> None:
         self.model = model
         self.runner = None
-        self.all_slots: Tensor | None = None
         self.threads = ThreadPlanner(torch.get_num_threads())
         caches = [m for m in model.modules() if isinstance(m, KVCache)]
         if compile is False or type(model) is not TransformerDecoder or not caches:
@@ -422,7 +434,6 @@ class DecodeStep:
             )
             return
         self.runner = step.runner
-        self.all_slots = torch.ones(batch_size, 1, 1, cache_len, dtype=torch.bool)
 
     @property
     def compiled(self) -> bool:
@@ -439,14 +450,13 @@ class DecodeStep:
     ) -> Tensor:
         """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``.
         ``mask``: bool ``[b, 1, 1, cache length]`` or None (every filled slot)."""
+        mask = step_mask(self.model, mask)
         if self.runner is None:
             return forward_step(
                 self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
             )
         with self.threads.step():
-            (logits,) = self.runner.boxed_run(
-                [tokens, input_pos, self.all_slots if mask is None else mask]
-            )
+            (logits,) = self.runner.boxed_run([tokens, input_pos, mask])
             return logits
 
 

@@ -238,6 +238,9 @@ class MultiHeadAttention(nn.Module):
         self.k_norm = k_norm
         self.kv_cache: KVCache | None = None
         self.cache_enabled = False
+        # True while the caller's masks already leave out a fixed-shape cache's unfilled
+        # slots (``masks_cover_filled_slots``), so each layer need not mask them again.
+        self.masks_filled_slots = False
         # After head pruning, query head i reads key/value head kv_head_of_query[i]; None while
         # the heads form equal consecutive groups, which every backend handles natively.
         self.register_buffer("kv_head_of_query", None, persistent=False)
@@ -331,7 +334,9 @@ class MultiHeadAttention(nn.Module):
                     # A prompt, run eagerly: attend over the filled slots alone, with the
                     # causal kernel instead of a mask over the whole cache (~10% faster).
                     k, v = self.kv_cache.filled()
-                elif self.kv_cache.fixed_shape:
+                elif self.kv_cache.fixed_shape and not (
+                    self.masks_filled_slots and isinstance(mask, Tensor)
+                ):
                     mask = self._only_filled_slots(mask, b=b, q_len=s)
         if self.kv_head_of_query is not None:
             k = k.index_select(1, self.kv_head_of_query)

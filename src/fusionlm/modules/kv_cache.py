@@ -125,20 +125,22 @@ class KVCache(nn.Module):
         size = self.size
         return self.k_cache[:, :, :size], self.v_cache[:, :, :size]
 
-    def filled_mask(self, q_len: int, *, causal: bool) -> Tensor:
-        """Which slots the ``q_len`` tokens just written may read, for ``fixed_shape`` mode.
+    def filled_mask(self, q_len: int, *, causal: bool, pending: int = 0) -> Tensor:
+        """Which slots the last ``q_len`` tokens written may read, for ``fixed_shape`` mode;
+        ``pending``: that many of them are yet to be written (a mask made before the write).
 
         Returns:
             bool ``[b, 1, q_len, max_seq_len]``: the slots each row has written; with
             ``causal``, only up to each query's own slot.
         """
         slots = torch.arange(self.max_seq_len, device=self.next_slot.device)
+        written = self.next_slot + pending  # [b]
         if causal:
             offsets = torch.arange(q_len, device=slots.device)
-            last = self.next_slot[:, None] - q_len + offsets  # [b, q_len]
+            last = written[:, None] - q_len + offsets  # [b, q_len]
             visible = slots <= last[..., None]
         else:
-            visible = (slots < self.next_slot[:, None, None]).expand(-1, q_len, -1)
+            visible = (slots < written[:, None, None]).expand(-1, q_len, -1)
         return visible[:, None]
 
     def row(self, index: int) -> KVCache:
