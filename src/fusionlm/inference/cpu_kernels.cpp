@@ -407,13 +407,26 @@ void check_inputs(const at::Tensor& x, at::TensorList weights, at::ScalarType dt
   }
 }
 
+// Whether row [0, k) holds only zeros (-0.0 included, NaN not), checked 16 values at a time.
+bool all_zeros(const float* row, int64_t k) {
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    bool busy = false;
+    for (int t = 0; t < 16; ++t) busy |= row[j + t] != 0.0f;
+    if (busy) return false;
+  }
+  for (; j < k; ++j) {
+    if (row[j] != 0.0f) return false;
+  }
+  return true;
+}
+
 // The runs [first, end) of consecutive rows of x [m, k] that are not all zeros. A busy row is
-// found at its first value, almost always.
+// found at its first values, almost always.
 Runs busy_runs(const float* x, int64_t m_size, int64_t k_size) {
   Runs runs;
   for (int64_t m = 0; m < m_size; ++m) {
-    const float* row = x + m * k_size;
-    if (std::none_of(row, row + k_size, [](float value) { return value != 0.0f; })) continue;
+    if (all_zeros(x + m * k_size, k_size)) continue;
     if (!runs.empty() && runs.back().second == m) {
       ++runs.back().second;
     } else {
@@ -423,19 +436,23 @@ Runs busy_runs(const float* x, int64_t m_size, int64_t k_size) {
   return runs;
 }
 
-// An output [m_size, n] for x's rows, zeros in the rows outside the busy runs.
-at::Tensor output_for(const at::Tensor& x, int64_t n, const Runs& runs) {
-  const int64_t m_size = x.size(0);
-  auto output = at::empty({m_size, n}, x.options());
-  float* out = output.data_ptr<float>();
-  for (int64_t m = 0, run = 0; m < m_size; ++m) {
-    if (run < static_cast<int64_t>(runs.size()) && m >= runs[run].first) {
-      m = runs[run++].second - 1;
-      continue;
-    }
-    std::fill(out + m * n, out + (m + 1) * n, 0.0f);
+// The rows [0, m_size) outside the busy runs.
+std::vector<int64_t> idle_rows(const Runs& runs, int64_t m_size) {
+  std::vector<int64_t> idle;
+  int64_t m = 0;
+  for (const auto& [first, stop] : runs) {
+    for (; m < first; ++m) idle.push_back(m);
+    m = stop;
   }
-  return output;
+  for (; m < m_size; ++m) idle.push_back(m);
+  return idle;
+}
+
+// Columns [first, end) of the given rows of out [m, n] := 0: idle rows' outputs, written by
+// the parallel task that owns those columns.
+void zero_rows(float* out, int64_t n, int64_t first, int64_t end,
+               const std::vector<int64_t>& rows) {
+  for (const int64_t m : rows) std::fill(out + m * n + first, out + m * n + end, 0.0f);
 }
 
 // y_i[m, n] = row m of x times row n of weight i, for every weight, as one parallel pass over
@@ -453,23 +470,28 @@ std::vector<at::Tensor> matvecs(const at::Tensor& x, at::TensorList weights,
   const int64_t m_size = x.size(0), k_size = x.size(1);
   const float* xp = x.data_ptr<float>();
   const auto runs = busy_runs(xp, m_size, k_size);
+  const auto idle = idle_rows(runs, m_size);
   std::vector<at::Tensor> outputs;
   std::vector<float*> out;
   std::vector<int64_t> first_row{0};  // weight i owns rows [first_row[i], first_row[i + 1])
   for (const auto& weight : weights) {
-    outputs.push_back(output_for(x, weight.size(0), runs));
+    outputs.push_back(at::empty({m_size, weight.size(0)}, x.options()));
     out.push_back(outputs.back().data_ptr<float>());
     first_row.push_back(first_row.back() + weight.size(0));
   }
   at::parallel_for(0, first_row.back(), kGrain, [&](int64_t begin, int64_t end) {
-    size_t i = std::upper_bound(first_row.begin(), first_row.end(), begin) - first_row.begin() - 1;
-    for (int64_t row = begin; row < end; ++row) {
-      if (row == first_row[i + 1]) ++i;
-      const int64_t n = row - first_row[i], n_size = first_row[i + 1] - first_row[i];
-      for (const auto& [first, stop] : runs) {
-        for (int64_t m = first, rows = 0; m < stop; m += rows) {
-          rows = block_rows(stop - m, max_block);
-          block_dot(rows, m, xp + m * k_size, i, n, out[i] + m * n_size + n, n_size);
+    for (size_t i = 0; i < weights.size(); ++i) {  // the part of [begin, end) in weight i
+      const int64_t first = std::max(begin, first_row[i]) - first_row[i];
+      const int64_t stop = std::min(end, first_row[i + 1]) - first_row[i];
+      const int64_t n_size = first_row[i + 1] - first_row[i];
+      if (first >= stop) continue;
+      zero_rows(out[i], n_size, first, stop, idle);
+      for (int64_t n = first; n < stop; ++n) {
+        for (const auto& [run_first, run_stop] : runs) {
+          for (int64_t m = run_first, rows = 0; m < run_stop; m += rows) {
+            rows = block_rows(run_stop - m, max_block);
+            block_dot(rows, m, xp + m * k_size, i, n, out[i] + m * n_size + n, n_size);
+          }
         }
       }
     }
@@ -688,9 +710,11 @@ at::Tensor linear_tiled(const at::Tensor& x, const at::Tensor& weight, const at:
   const auto input = x.contiguous();
   const float* xp = input.data_ptr<float>();
   const Runs runs = busy_runs(xp, input.size(0), w.k);
-  auto output = output_for(input, w.n, runs);
+  const auto idle = idle_rows(runs, input.size(0));
+  auto output = at::empty({input.size(0), w.n}, input.options());
   float* y = output.data_ptr<float>();
   at::parallel_for(0, w.n, kGrain, [&](int64_t first, int64_t end) {
+    zero_rows(y, w.n, first, end, idle);
     if (!w.int4) {
       kernels.int8_tiles(xp, runs, w.k, w.n, first, end, w.q8(), w.scale, y);
     } else if (w.offsets.half) {
