@@ -14,6 +14,7 @@ from fusionlm.inference import quantize as quantize_module
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS
 from fusionlm.inference.quantize import (
     QUANTIZE_ROWS,
+    TILED_MAX_ROWS,
     QuantizedEmbedding,
     WeightOnlyLinear,
     quantize,
@@ -21,8 +22,9 @@ from fusionlm.inference.quantize import (
 from fusionlm.modules.decoder import TiedLinear
 from tests.helpers import tiny
 
-# Kernels up to MATVEC_MAX_ROWS, then tiles (int8, int4) or GEMM (bf16); x has 2 rows per row.
-ROWS = [1, 3, MATVEC_MAX_ROWS // 2 + 1, MATVEC_MAX_ROWS * 2]
+# Kernels up to MATVEC_MAX_ROWS, then tiles (int8, int4) up to TILED_MAX_ROWS, then GEMM; x has
+# 2 rows per row.
+ROWS = [1, 3, MATVEC_MAX_ROWS // 2 + 1, TILED_MAX_ROWS // 2 + 1]
 FORMATS = ["bf16", "int8", "int4"]
 
 
@@ -51,18 +53,23 @@ def test_the_dequantize_kernel_equals_pytorch_ops_bit_for_bit(format):
     assert torch.equal(q.dequantize(slice(3, 9)), fallback.dequantize()[3:9])
 
 
-@pytest.mark.parametrize("format", FORMATS)
-def test_many_rows_never_dequantize_a_large_weight_whole(format):
+@pytest.mark.parametrize(
+    ("format", "rows"),
+    [("bf16", MATVEC_MAX_ROWS + 1), ("int4", TILED_MAX_ROWS), ("int4", TILED_MAX_ROWS + 1)],
+)
+def test_many_rows_never_dequantize_a_large_weight_whole(format, rows):
     """A prompt's rows never dequantize the whole of a large matrix (an output head): int8 and
-    int4 run in tiles of a few weight rows, bf16 is a GEMM over QUANTIZE_ROWS rows at a time."""
+    int4 prompts of up to TILED_MAX_ROWS rows run in tiles of a few weight rows, longer ones
+    and bf16 are GEMMs over QUANTIZE_ROWS weight rows at a time."""
     q = WeightOnlyLinear.from_float(torch.randn(QUANTIZE_ROWS + 70, 64), format=format)
-    x = torch.randn(MATVEC_MAX_ROWS + 1, 64)
+    x = torch.randn(rows, 64)
     calls = []
     dequantize = q.dequantize
     q.dequantize = lambda rows=None: calls.append(rows) or dequantize(rows)
     y = q(x)
+    tiled = format != "bf16" and rows <= TILED_MAX_ROWS
     expected = [slice(0, QUANTIZE_ROWS), slice(QUANTIZE_ROWS, 2 * QUANTIZE_ROWS)]
-    assert calls == (expected if format == "bf16" else [])
+    assert calls == ([] if tiled else expected)
     torch.testing.assert_close(y, x @ dequantize().T, atol=2e-5, rtol=1e-5)
 
 

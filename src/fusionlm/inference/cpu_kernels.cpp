@@ -144,9 +144,9 @@ float dot(const float* x, const Weight* w, int64_t k_size) {
 // fp32 scale and one offset per group ([n, k / 32] each); offsets are fp32, or fp16 as Q4_0 and
 // Q4_1 blocks store them (read a vector at a time, so widening them costs nothing). A group's
 // 16 bytes hold input j in the low nibble of byte j and input j + 16 in its high nibble (ggml's
-// Q4_0 / Q4_1 block order). Per row of x: x . w = sum over groups g of x_g . (scale_g * q_g) +
+// Q4_0 / Q4_1 block order). Per row of x: x . w = sum over groups g of scale_g * (x_g . q_g) +
 // offset_g * sum(x_g), where the group sums of x are computed once per call, so the inner loop
-// only widens and scales q (once for a block of rows) and multiplies.
+// only widens q and multiplies (int8 scales q first, once for a block of rows).
 //
 // Three paths, chosen per call by what the CPU runs (or forced by use_isa, for tests): AVX-512
 // (16 lanes, up to 8 rows per block), AVX2 + FMA (8 lanes, 4 rows) and portable C++. The vector

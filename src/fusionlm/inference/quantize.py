@@ -17,6 +17,12 @@ from fusionlm.modules.decoder import TiedLinear
 
 GROUP_SIZE = INT8_GROUP_SIZE
 """Inputs per scale (and offset) of int8 and int4 weights."""
+TILED_MAX_ROWS = 128
+"""int8 and int4 layers run prompts of more than ``MATVEC_MAX_ROWS`` and up to this many rows
+in ``fusionlm::linear_tiled``, longer ones as fp32 GEMMs over the dequantized weight. A whole
+prompt's forward on the default model, int8, tiles / GEMM in one process: 0.78 at 34 tokens,
+1.0 at 128, 1.02-1.04 at 256 (BLAS packs its operands for cache blocks and runs near peak on
+long prompts; at 512 tokens the tiles cost 13% of prefill speed)."""
 QUANTIZE_ROWS = 2048
 """Weight rows converted at a time: bounds the float temporaries of quantizing, and of a GEMM
 over more rows than the kernels take, to a few MB."""
@@ -55,13 +61,13 @@ class WeightOnlyLinear(nn.Module):
     greedy tokens agree with fp32 on 320 of 320 tokens with bf16 weights, 294 with int8
     weights, but 176 when the activations entering each linear are rounded to bf16 as well.
     Up to ``MATVEC_MAX_ROWS`` rows (a decode step's batch) run in ``cpu_kernels``' streaming
-    kernels (built when the first layer is made), which skip rows of zeros. More rows (a
-    prompt) run, for int8 and int4, in ``fusionlm::linear_tiled``, which dequantizes a few
-    weight rows at a time into a buffer the L1 cache holds and multiplies every input row by
-    it (on the default model's int8 layers, 37 rows: 1.6x the streaming kernel's speed and
-    1.5x that of dequantizing the whole weight for one GEMM, which it equals from ~128 rows
-    on); for bf16, or without the kernels, in fp32 GEMMs over the weight dequantized
-    ``QUANTIZE_ROWS`` rows at a time. Either way each row's result depends on that row
+    kernels (built when the first layer is made), which skip rows of zeros. int8 and int4
+    prompts of up to ``TILED_MAX_ROWS`` rows run in ``fusionlm::linear_tiled``, which
+    dequantizes a few weight rows at a time into a buffer the L1 cache holds and multiplies
+    every input row by it (on the default model's int8 layers, 37 rows: 1.6x the streaming
+    kernel's speed and 1.5x that of dequantizing the whole weight for one GEMM). Longer
+    prompts, bf16 prompts, or any without the kernels are fp32 GEMMs over the weight
+    dequantized ``QUANTIZE_ROWS`` rows at a time. Each row's result depends on that row
     alone. The output has the input's dtype. For inference: the weight is a buffer, and the
     kernels have no backward.
 
@@ -162,9 +168,11 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in] -> [..., out]``."""
         flat = x.reshape(-1, self.in_features).float()
-        if not self.streaming or (flat.shape[0] > MATVEC_MAX_ROWS and self.scale is None):
+        rows = flat.shape[0]
+        max_rows = MATVEC_MAX_ROWS if self.scale is None else TILED_MAX_ROWS
+        if not self.streaming or rows > max_rows:
             y = self._gemm(flat)
-        elif flat.shape[0] > MATVEC_MAX_ROWS:
+        elif rows > MATVEC_MAX_ROWS:
             y = torch.ops.fusionlm.linear_tiled(flat, self.weight, self.scale, self.offset)
         elif self.scale is None:
             (y,) = torch.ops.fusionlm.linear_bf16(flat, [self.weight])
