@@ -79,6 +79,15 @@ def test_each_path_of_the_tiles_equals_the_dequantized_product(isa, format, rows
 
 
 @pytest.mark.parametrize("format", ["int8", "int4"])
+def test_tiles_multiply_by_the_dequantized_weight_bit_for_bit(isa, format):
+    """Rows of the identity pick single weights out of the tiles: each equals
+    ``fusionlm::dequantize``'s value exactly (one multiply, then one add, never fused), so a
+    prompt in tiles and a longer one in a GEMM multiply by the same numbers."""
+    args, dense = weights(format, 42, 96)
+    assert torch.equal(tiled(torch.eye(96), args).T, dense)
+
+
+@pytest.mark.parametrize("format", ["int8", "int4"])
 @pytest.mark.parametrize("kernel", ["matvec", "tiled"])
 def test_each_path_runs_its_own_code(isa, format, kernel):
     """The paths sum in different orders, so forcing one changes the low bits of a long

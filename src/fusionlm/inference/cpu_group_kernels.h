@@ -120,9 +120,12 @@ void int4_block(int64_t rows, const float* x, const float* x_sums, const uint8_t
 
 // ---------------------------------------------------------------- prompts: tiles of channels
 // A prompt's many rows share each weight, so its int8 and int4 weights are dequantized a few
-// channels at a time (Vec::kTileChannels rows, as `dequantize` computes them: one multiply,
-// then one add) into a buffer the L1 cache holds, and every row of x is multiplied by it: two
-// multiply-adds per 32 inputs and row, where the streaming kernels above spend three.
+// channels at a time (Vec::kTileChannels rows, bit for bit as `dequantize` computes them: one
+// multiply, then one add, never fused) into a buffer the L1 cache holds, and every row of x
+// is multiplied by it: two multiply-adds per 32 inputs and row, and the weights widened once
+// per call, where the streaming kernels widen them again for every block of a few rows.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 
 // tile [c, +k) = channel c of an int8 weight (q [channels, k], scale [channels, groups]).
 inline void int8_tile(const int8_t* q, const float* scale, int64_t groups, int channels,
@@ -151,6 +154,7 @@ inline void int4_tile(const uint8_t* q, const float* scale, const Offset* offset
     }
   }
 }
+#pragma GCC pop_options
 
 // out[r * out_stride + c] = row r of x [R, k] . row c of tile [C, k]: lane l of each sum
 // adds the inputs l, l + kLanes, ... in order, then the lanes are summed, so a row's result
