@@ -752,6 +752,29 @@ std::string use_isa(const std::string& name) {
   return previous < 0 ? "auto" : kIsaNames[previous];
 }
 
+namespace {
+
+// slots := the j < s with allow[j * stride], in order; a contiguous mask is read 8 slots at
+// a time, skipping the runs of unfilled slots a fixed-length cache's mask is mostly made of.
+void allowed_slots(const bool* allow, int64_t s, int64_t stride, std::vector<int64_t>& slots) {
+  int64_t j = 0;
+  if (stride == 1) {
+    for (; j + 8 <= s; j += 8) {
+      uint64_t word;
+      std::memcpy(&word, allow + j, sizeof word);
+      if (word == 0) continue;
+      for (int64_t t = j; t < j + 8; ++t) {
+        if (allow[t]) slots.push_back(t);
+      }
+    }
+  }
+  for (; j < s; ++j) {
+    if (allow[j * stride]) slots.push_back(j);
+  }
+}
+
+}  // namespace
+
 // softmax(q . k[j] * scale over the keys j the mask allows) @ v, one query per (row, head).
 // A query's head shares key/value head head / (h / h_kv) (grouped-query attention). Keys the
 // mask excludes are never read, so a fixed-length cache costs what it holds, and a query with
@@ -799,11 +822,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   std::vector<std::vector<int64_t>> row_slots;
   if (mp != nullptr && m_head == 0) {
     row_slots.resize(m_row == 0 ? 1 : b);
-    for (size_t row = 0; row < row_slots.size(); ++row) {
-      for (int64_t j = 0; j < s; ++j) {
-        if (mp[row * m_row + j * m_slot]) row_slots[row].push_back(j);
+    at::parallel_for(0, row_slots.size(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        allowed_slots(mp + row * m_row, s, m_slot, row_slots[row]);
       }
-    }
+    });
   }
   at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weight(s);
