@@ -561,78 +561,6 @@ std::vector<at::Tensor> linear_bf16(const at::Tensor& x, at::TensorList weights)
                    });
 }
 
-std::vector<at::Tensor> linear_int8(const at::Tensor& x, at::TensorList weights,
-                                    at::TensorList scales) {
-  check_inputs(x, weights, at::kChar);
-  const int64_t k = x.size(-1);
-  TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
-  TORCH_CHECK(scales.size() == weights.size(), "give one scale per weight");
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const auto& scale = scales[i];
-    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                    scale.dim() == 2 && scale.size(0) == weights[i].size(0) &&
-                    scale.size(1) == k / kGroup,
-                "each scale must be a contiguous float32 [n, k / ", kGroup, "] tensor");
-  }
-  const auto w = pointers<int8_t>(weights);
-  const auto s = pointers<float>(scales);
-  const GroupKernels kernels = group_kernels(active_isa());
-  const int64_t groups = k / kGroup;
-  return matvecs(
-      x.contiguous(), weights,
-      [&](int64_t rows, int64_t, const float* x_rows, size_t i, int64_t n, float* y,
-          int64_t y_stride) {
-        kernels.int8(rows, x_rows, w[i] + n * k, s[i] + n * groups, groups, y, y_stride);
-      },
-      kernels.max_block);
-}
-
-std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
-                                    at::TensorList scales, at::TensorList offsets) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a float32 [m, k] tensor");
-  const int64_t k = x.size(1), groups = k / kGroup;
-  TORCH_CHECK(k % kGroup == 0, "k must be a multiple of ", kGroup, ", got ", k);
-  TORCH_CHECK(!weights.empty() && scales.size() == weights.size() &&
-                  offsets.size() == weights.size(),
-              "give at least one weight, and one scale and one offset per weight");
-  std::vector<Offsets> o;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const auto& weight = weights[i];
-    TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 &&
-                    weight.is_contiguous() && weight.size(1) == k / 2,
-                "each weight must be a contiguous uint8 [n, k / 2] tensor with k = ", k);
-    const auto& scale = scales[i];
-    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
-                    scale.size(0) == weight.size(0) && scale.size(1) == groups,
-                "each scale must be a contiguous float32 [n, k / ", kGroup, "] tensor");
-    o.emplace_back(offsets[i], weight.size(0), groups);
-  }
-  const auto q = pointers<uint8_t>(weights);
-  const auto s = pointers<float>(scales);
-  const GroupKernels kernels = group_kernels(active_isa());
-  const auto input = x.contiguous();
-  const int64_t m_size = input.size(0);
-  const float* xp = input.data_ptr<float>();
-  std::vector<float> x_sums(m_size * groups);
-  for (int64_t g = 0; g < m_size * groups; ++g) {
-    x_sums[g] = std::accumulate(xp + g * kGroup, xp + (g + 1) * kGroup, 0.0f);
-  }
-  return matvecs(
-      input, weights,
-      [&](int64_t rows, int64_t m, const float* x_rows, size_t i, int64_t n, float* y,
-          int64_t y_stride) {
-        const float* sums = x_sums.data() + m * groups;
-        if (o[i].half) {
-          kernels.int4_half_offsets(rows, x_rows, sums, q[i] + n * (k / 2), s[i] + n * groups,
-                                    o[i].row<uint16_t>(n), groups, y, y_stride);
-        } else {
-          kernels.int4(rows, x_rows, sums, q[i] + n * (k / 2), s[i] + n * groups,
-                       o[i].row<float>(n), groups, y, y_stride);
-        }
-      },
-      kernels.max_block);
-}
-
 // An int8 weight (weight int8 [n, k], scale fp32 [n, k / 32]: w = scale * q) or an int4 one
 // (weight uint8 [n, k / 2], scale and offset [n, k / 32]: w = scale * q + offset), checked.
 struct QuantizedWeight {
@@ -662,6 +590,63 @@ struct QuantizedWeight {
   const float* scale = nullptr;
   Offsets offsets;  // int4 only
 };
+
+std::vector<at::Tensor> linear_int8(const at::Tensor& x, at::TensorList weights,
+                                    at::TensorList scales) {
+  check_inputs(x, weights, at::kChar);
+  TORCH_CHECK(scales.size() == weights.size(), "give one scale per weight");
+  std::vector<QuantizedWeight> w;
+  for (size_t i = 0; i < weights.size(); ++i) w.emplace_back(weights[i], scales[i], std::nullopt);
+  const GroupKernels kernels = group_kernels(active_isa());
+  const int64_t k = x.size(-1), groups = k / kGroup;
+  return matvecs(
+      x.contiguous(), weights,
+      [&](int64_t rows, int64_t, const float* x_rows, size_t i, int64_t n, float* y,
+          int64_t y_stride) {
+        kernels.int8(rows, x_rows, w[i].q8() + n * k, w[i].scale + n * groups, groups, y,
+                     y_stride);
+      },
+      kernels.max_block);
+}
+
+std::vector<at::Tensor> linear_int4(const at::Tensor& x, at::TensorList weights,
+                                    at::TensorList scales, at::TensorList offsets) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a float32 [m, k] tensor");
+  const int64_t k = x.size(1), groups = k / kGroup;
+  TORCH_CHECK(!weights.empty() && scales.size() == weights.size() &&
+                  offsets.size() == weights.size(),
+              "give at least one weight, and one scale and one offset per weight");
+  std::vector<QuantizedWeight> w;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    w.emplace_back(weights[i], scales[i], offsets[i]);
+    TORCH_CHECK(w.back().k == k, "each weight must be a uint8 [n, k / 2] tensor with k = ", k,
+                ", got ", weights[i].sizes());
+  }
+  const GroupKernels kernels = group_kernels(active_isa());
+  const auto input = x.contiguous();
+  const int64_t m_size = input.size(0);
+  const float* xp = input.data_ptr<float>();
+  std::vector<float> x_sums(m_size * groups);
+  for (int64_t g = 0; g < m_size * groups; ++g) {
+    x_sums[g] = std::accumulate(xp + g * kGroup, xp + (g + 1) * kGroup, 0.0f);
+  }
+  return matvecs(
+      input, weights,
+      [&](int64_t rows, int64_t m, const float* x_rows, size_t i, int64_t n, float* y,
+          int64_t y_stride) {
+        const float* sums = x_sums.data() + m * groups;
+        const uint8_t* q = w[i].q4() + n * (k / 2);
+        const float* scale = w[i].scale + n * groups;
+        if (w[i].offsets.half) {
+          kernels.int4_half_offsets(rows, x_rows, sums, q, scale, w[i].offsets.row<uint16_t>(n),
+                                    groups, y, y_stride);
+        } else {
+          kernels.int4(rows, x_rows, sums, q, scale, w[i].offsets.row<float>(n), groups, y,
+                       y_stride);
+        }
+      },
+      kernels.max_block);
+}
 
 // The fp32 weight of an int8 or int4 layer, in one pass where PyTorch ops took four over the
 // weight (unpack, widen, scale, offset). Each value is one multiply then one add, never
