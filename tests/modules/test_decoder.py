@@ -349,11 +349,11 @@ def test_cache_rows_fill_and_decode_independently():
 
 
 def test_a_mask_narrowed_once_decodes_like_each_layer_narrowing_it(monkeypatch):
-    """``filled_slots`` narrows a decode step's mask to the filled slots (and the one being
-    written) once, before the step; inside ``masks_cover_filled_slots`` the layers take it
-    as given: the same logits, bit for bit, as each layer narrowing the raw mask itself,
-    with one narrowing per step instead of one per layer."""
-    from fusionlm.modules.decoder import cache_row, filled_slots, masks_cover_filled_slots
+    """A decode step's mask narrowed once, before the step, to the filled slots of its
+    ``slot_cache`` (and the one being written); inside ``masks_cover_filled_slots`` the
+    layers take it as given: the same logits, bit for bit, as each layer narrowing the raw
+    mask itself, with one narrowing per step instead of one per layer."""
+    from fusionlm.modules.decoder import cache_row, masks_cover_filled_slots, slot_cache
 
     model = tiny("sdpa")
     model.setup_caches(2, torch.float32, decoder_max_seq_len=32, fixed_shape=True)
@@ -372,7 +372,7 @@ def test_a_mask_narrowed_once_decodes_like_each_layer_narrowing_it(monkeypatch):
         monkeypatch.setattr(
             KVCache, "filled_mask", lambda *a, **k: narrowings.append(1) or filled_mask(*a, **k)
         )
-        mask = raw & filled_slots(model, q_len=1)
+        mask = raw & slot_cache(model).filled_mask(1, causal=True, pending=1)
         with masks_cover_filled_slots(model):
             got = model(tokens, mask=mask, input_pos=positions)
     assert mask[0, 0, 0].tolist() == [True] * 8 + [False] * 24

@@ -53,7 +53,7 @@ from fusionlm.cache import cache_root, cpu_fingerprint
 from fusionlm.errors import InvalidInputError
 from fusionlm.inference.cpu_kernels import MATVEC_MAX_ROWS, load_kernels
 from fusionlm.inference.threads import ThreadPlanner
-from fusionlm.modules.decoder import TransformerDecoder, filled_slots, masks_cover_filled_slots
+from fusionlm.modules.decoder import TransformerDecoder, masks_cover_filled_slots, slot_cache
 from fusionlm.modules.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ def forward_step(
     input_pos: Tensor,
 ) -> Tensor:
     """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``. For a
-    ``TransformerDecoder``, ``mask`` must leave out the unfilled slots (``step_mask`` does
-    that); a row whose mask allows no slot is idle: it carries zeros, which the matvec
+    ``TransformerDecoder``, ``mask`` must leave out the unfilled slots (``DecodeStep`` narrows
+    it so); a row whose mask allows no slot is idle: it carries zeros, which the matvec
     kernels skip, and its logits mean nothing."""
     # isinstance: torch.export traces the model as an instance of a subclass it makes.
     if mask is None or not isinstance(model, TransformerDecoder):  # fusion models: every row
@@ -96,17 +96,6 @@ def forward_step(
             input_pos=input_pos,
             active_rows=active_rows,
         )[:, -1]
-
-
-def step_mask(model: nn.Module, mask: Tensor | None) -> Tensor | None:
-    """A decode step's ``mask`` (bool ``[b, 1, 1, cache length]``, or None: every filled
-    slot) as ``forward_step`` takes it: for a ``TransformerDecoder`` with fixed-shape
-    caches, narrowed to the slots they have filled and the one the step writes, outside the
-    compiled graph; otherwise as it is."""
-    filled = filled_slots(model, q_len=1) if type(model) is TransformerDecoder else None
-    if filled is None:
-        return mask
-    return filled if mask is None else mask & filled
 
 
 class _StepGraph(nn.Module):
@@ -412,6 +401,8 @@ class DecodeStep:
         self.model = model
         self.runner = None
         self.threads = ThreadPlanner(torch.get_num_threads())
+        # Whose filled slots narrow each step's mask (None: the mask is used as it is).
+        self.slots = slot_cache(model) if type(model) is TransformerDecoder else None
         caches = [m for m in model.modules() if isinstance(m, KVCache)]
         if compile is False or type(model) is not TransformerDecoder or not caches:
             return
@@ -450,7 +441,9 @@ class DecodeStep:
     ) -> Tensor:
         """``tokens [b, 1]`` at ``input_pos [b, 1]`` -> next-token logits ``[b, v]``.
         ``mask``: bool ``[b, 1, 1, cache length]`` or None (every filled slot)."""
-        mask = step_mask(self.model, mask)
+        if self.slots is not None:  # narrowed here, outside the compiled graph, once a step
+            filled = self.slots.filled_mask(1, causal=True, pending=1)
+            mask = filled if mask is None else mask & filled
         if self.runner is None:
             return forward_step(
                 self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fusionlm.errors import InvalidInputError
 from fusionlm.modules.attention import MultiHeadAttention
+from fusionlm.modules.kv_cache import KVCache
 from fusionlm.modules.layers import GradientCheckpointingLayer, TransformerCrossAttentionLayer
 from fusionlm.modules.masks import AttentionMask
 
@@ -366,26 +367,21 @@ def cache_row(model: nn.Module, index: int) -> Iterator[nn.Module]:
             m.kv_cache = cache
 
 
-def filled_slots(model: nn.Module, *, q_len: int) -> Tensor | None:
-    """The slots the next ``q_len`` tokens' queries may read in ``model``'s fixed-shape
-    self-attention caches (the filled ones, and causally their own), from the caches as
-    they are before those tokens are written: bool ``[b, 1, q_len, cache length]``; None
-    for caches that are not ``fixed_shape`` (attention reads only their filled prefix). The
-    layers' caches advance together, so the first one speaks for all.
-
-    Raises:
-        ValueError: the model has no caches set up.
-    """
-    attns = _fixed_shape_self_attention(model, needed_by="filled_slots")
-    if not attns:
-        return None
-    return attns[0].kv_cache.filled_mask(q_len, causal=True, pending=q_len)
+def slot_cache(model: nn.Module) -> KVCache | None:
+    """The cache that speaks for all of ``model``'s enabled fixed-shape self-attention caches,
+    or None if it has none: they advance together, so the slots its ``filled_mask`` gives
+    are every layer's (a decode step narrows its mask with it once, see
+    ``masks_cover_filled_slots``)."""
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention) and _takes_filled_slot_masks(m):
+            return m.kv_cache
+    return None
 
 
 @contextlib.contextmanager
 def masks_cover_filled_slots(model: nn.Module) -> Iterator[nn.Module]:
     """Inside, ``model``'s fixed-shape self-attention layers take a bool mask as it is: the
-    caller has narrowed it to ``filled_slots`` once, where each layer would narrow it again
+    caller has narrowed it once (``slot_cache``), where each layer would narrow it again
     (in a compiled 8-row decode step over 2048 slots, 1.7 of 11 ms; inductor recomputes a
     mask made inside the graph in every layer that reads it, so the caller narrows it
     outside).
@@ -405,11 +401,12 @@ def masks_cover_filled_slots(model: nn.Module) -> Iterator[nn.Module]:
 
 def _fixed_shape_self_attention(model: nn.Module, *, needed_by: str) -> list[MultiHeadAttention]:
     """``model``'s self-attention layers with enabled fixed-shape caches."""
-    return [
-        m
-        for m in _cached_attention(model, needed_by=needed_by)
-        if m.is_causal and m.cache_enabled and m.kv_cache.fixed_shape
-    ]
+    return [m for m in _cached_attention(model, needed_by=needed_by) if _takes_filled_slot_masks(m)]
+
+
+def _takes_filled_slot_masks(m: MultiHeadAttention) -> bool:
+    """Whether ``m`` is self-attention over an enabled fixed-shape cache."""
+    return m.kv_cache is not None and m.is_causal and m.cache_enabled and m.kv_cache.fixed_shape
 
 
 def _cached_attention(model: nn.Module, *, needed_by: str) -> list[MultiHeadAttention]:
@@ -427,6 +424,6 @@ __all__ = [
     "TransformerDecoder",
     "cache_row",
     "disable_kv_cache",
-    "filled_slots",
     "masks_cover_filled_slots",
+    "slot_cache",
 ]
