@@ -250,6 +250,37 @@ def test_a_run_without_a_stored_step_decodes_eagerly_and_builds_it_for_the_next(
     assert "background" not in err
 
 
+def test_a_server_builds_its_missing_step_with_fusionlm_compile(capsys, monkeypatch):
+    """The server waits on ``fusionlm compile`` for its slots and context, with its own model,
+    dtype, quantization and threads (the step's key has them all), so it never imports the
+    compiler itself; a build that fails there is said, and the server builds it itself."""
+    ran = []
+
+    def failing_run(command, **options):
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(cli.subprocess, "run", failing_run)
+    torch.set_num_threads(2)
+    args = cli.build_parser().parse_args(["serve", "--quant", "int8", "--dtype", "bfloat16"])
+    cli._step_builder(args)(8, 2048)
+    (command,) = ran
+    assert command[:4] == [sys.executable, "-m", "fusionlm.cli", "compile"]
+    assert cli.build_parser().parse_args(command[3:]).__dict__ | {"run": None} == {
+        **cli.build_parser().parse_args(["compile"]).__dict__,
+        "model": args.model,
+        "dtype": "bfloat16",
+        "quant": "int8",
+        "threads": 2,
+        "batch_size": 8,
+        "cache_len": 2048,
+        "run": None,
+    }
+    assert "building the decode step in another process failed (exit status 1)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_failed_background_build_is_not_started_again(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("FUSIONLM_CACHE_DIR", str(empty_cache(tmp_path)))
     monkeypatch.setenv("FUSIONLM_BACKGROUND_COMPILE", "1")

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an OpenAI-compatible server (needs fusionlm[serve])",
         description="Serve the model over OpenAI's API with continuous batching. Without "
         "--no-compile it uses the compiled decode step for --slots rows of --ctx tokens, "
-        "building it first if it is not stored (/health answers 503 until it is ready).",
+        "building it first with `fusionlm compile` if it is not stored (/health answers 503 "
+        "until it is ready).",
     )
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=8000)
@@ -386,15 +387,8 @@ def _build_step_in_background(args: argparse.Namespace, step: Path, cache_len: i
             file=sys.stderr,
         )
         return
-    import torch
-
     low_priority = ["nice", "-n", "10"] if shutil.which("nice") else []
-    command = [
-        *low_priority,
-        sys.executable, "-m", "fusionlm.cli", "compile", "--model", args.model,
-        "--dtype", args.dtype, "--quant", args.quant,
-        "--threads", str(torch.get_num_threads()), "--cache-len", str(cache_len),
-    ]  # fmt: skip
+    command = [*low_priority, *_compile_command(args, batch_size=1, cache_len=cache_len)]
     try:
         start_detached(command, log=log)
     except OSError as error:
@@ -405,6 +399,44 @@ def _build_step_in_background(args: argparse.Namespace, step: Path, cache_len: i
         f"for later runs (about a minute; log: {log})",
         file=sys.stderr,
     )
+
+
+def _compile_command(args: argparse.Namespace, *, batch_size: int, cache_len: int) -> list[str]:
+    """``fusionlm compile`` for the decode step this process would build: the same model,
+    dtype, quantization and thread count (the step's key has them all)."""
+    import torch
+
+    return [
+        sys.executable, "-m", "fusionlm.cli", "compile", "--model", args.model,
+        "--dtype", args.dtype, "--quant", args.quant, "--threads", str(torch.get_num_threads()),
+        "--batch-size", str(batch_size), "--cache-len", str(cache_len),
+    ]  # fmt: skip
+
+
+def _step_builder(args: argparse.Namespace) -> Callable[[int, int], None]:
+    """The server's ``build_step``: runs ``fusionlm compile`` for its slots and context and
+    waits (its progress goes to this process's stderr). Compiling imports and runs Inductor,
+    whose memory a process keeps for good: a server that compiled its own step held twice
+    the memory for its whole life."""
+
+    def build(batch_size: int, cache_len: int) -> None:
+        command = _compile_command(args, batch_size=batch_size, cache_len=cache_len)
+        try:
+            status = subprocess.run(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=False
+            ).returncode
+            failure = f"exit status {status}" if status else None
+        except OSError as error:
+            failure = str(error)
+        if failure:
+            print(
+                f"fusionlm: building the decode step in another process failed ({failure}); "
+                "building it in this one",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return build
 
 
 def start_detached(command: list[str], *, log: Path) -> None:
@@ -702,6 +734,7 @@ def run_serve(args: argparse.Namespace) -> int:
             api_keys=keys,
             drain_timeout=args.drain_timeout,
             compile=True if args.compile == "auto" else args.compile,
+            build_step=_step_builder(args),
             **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
         )
     return 0

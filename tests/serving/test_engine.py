@@ -9,6 +9,7 @@ import pytest
 
 import fusionlm.inference.attention  # noqa: F401 (registers the sdpa_cpu backend)
 from fusionlm.generation import SamplingParams, generate
+from fusionlm.inference.decode_step import compile_decode_step, stored_step_path
 from fusionlm.serving.engine import Engine, Failed, Finished, Request, Started, Token
 from tests.helpers import tiny
 
@@ -158,12 +159,20 @@ def test_a_cancelled_request_frees_its_row(engine):
 @pytest.mark.compiled
 @pytest.mark.slow
 def test_the_compiled_step_serves_the_same_tokens():
-    """The batch-4 step compiled ahead of time: each request's tokens alone equal those
-    among others, and equal the eager engine's."""
+    """The batch-4 step compiled ahead of time, by ``build_step`` (a server's runs in another
+    process) for a model of the same shapes: the engine runs what it stored. Each request's
+    tokens alone equal those among others, and equal the eager engine's."""
+    built = []
+
+    def build_step(slots: int, ctx: int) -> None:
+        built.append((slots, ctx))
+        compile_decode_step(model(), batch_size=slots, cache_len=ctx)
+
+    stored_step_path(model(), batch_size=4, cache_len=64).unlink(missing_ok=True)
     requests = [request(p, max_tokens=10, cache_prompt=False) for p in PROMPTS]
-    compiled = start_engine(model(), compile=True)
+    compiled = start_engine(model(), compile=True, build_step=build_step)
     try:
-        assert compiled.compiled
+        assert compiled.compiled and built == [(4, 64)]
         alone = [run(compiled, [r])[0].tokens() for r in requests[:4]]
         together = [sink.tokens() for sink in run(compiled, requests)]
     finally:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from fusionlm.errors import InvalidInputError
 from fusionlm.generation import PREFILL_CHUNK, SamplingParams, sample
-from fusionlm.inference.decode_step import CompileMode, DecodeStep
+from fusionlm.inference.decode_step import CompileMode, DecodeStep, stored_step_path
 from fusionlm.modules.decoder import TransformerDecoder, cache_row
 from fusionlm.modules.kv_cache import KVCache
 
@@ -156,7 +156,10 @@ class Engine:
 
     ``load`` makes the model (on the engine thread, so a server answers while it loads);
     ``compile`` picks the decode step as in ``generate`` (``True``: build it if it is not
-    stored); ``max_queue`` bounds the requests waiting for a row.
+    stored); ``build_step(slots, ctx)``, when given, builds a missing step in another process
+    first, so this one never holds the compiler's memory (~1.2 GB for the default model, kept
+    for the process's life); should that fail, the step is built here. ``max_queue`` bounds
+    the requests waiting for a row.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class Engine:
         ctx: int,
         max_queue: int,
         compile: CompileMode = True,
+        build_step: Callable[[int, int], None] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         metrics: ServerMetrics | None = None,
     ) -> None:
@@ -180,6 +184,7 @@ class Engine:
         self.ctx = ctx
         self.max_queue = max_queue
         self.compile = compile
+        self.build_step = build_step
         self.prefill_chunk = prefill_chunk
         self.metrics = metrics
         self.ready = threading.Event()
@@ -284,6 +289,7 @@ class Engine:
             fixed_shape=True,
         )
         self.caches = [m for m in model.modules() if isinstance(m, KVCache)]
+        self._build_step_elsewhere(model)
         self.step = DecodeStep(model, compile=self.compile)
         self.compiled = self.step.compiled
         self.rows: list[_Choice | None] = [None] * self.slots
@@ -298,6 +304,13 @@ class Engine:
         with torch.inference_mode():
             self._decode_step()  # the first step runs the compiled step once: warm from here
         self._sync_write_positions()
+
+    def _build_step_elsewhere(self, model: TransformerDecoder) -> None:
+        """Have ``build_step`` build the compiled step if it is missing (see ``Engine``)."""
+        if self.compile is not True or self.build_step is None:
+            return
+        if not stored_step_path(model, batch_size=self.slots, cache_len=self.ctx).is_file():
+            self.build_step(self.slots, self.ctx)
 
     def _iterate(self) -> bool:
         """One round: read messages, admit, prefill one chunk, decode one step. False once

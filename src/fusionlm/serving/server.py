@@ -37,10 +37,12 @@ def serve(
     api_keys: Sequence[str] = (),
     drain_timeout: float = 30.0,
     compile: CompileMode = True,
+    build_step: Callable[[int, int], None] | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
 ) -> None:
     """Serve until SIGTERM or Ctrl-C. ``load`` makes the model on the engine thread (the
-    server answers ``/health`` with 503 meanwhile).
+    server answers ``/health`` with 503 meanwhile); ``build_step`` builds a missing decode
+    step in another process (see ``Engine``).
 
     Raises:
         whatever ``load`` or setting up the decode step raised: the server cannot serve.
@@ -52,6 +54,7 @@ def serve(
         ctx=ctx,
         max_queue=max_queue,
         compile=compile,
+        build_step=build_step,
         prefill_chunk=prefill_chunk,
         metrics=metrics,
     )
