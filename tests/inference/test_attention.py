@@ -52,6 +52,23 @@ def test_single_query_kernel_equals_eager(kv_heads, mask_shape, head_dim):
         assert (actual[0] == 0).all()
 
 
+def test_heads_that_share_keys_get_what_they_get_alone():
+    """Rows of 9 heads over 3 key/value heads (the default model's): with tasks enough for
+    every thread (32 rows for up to 24 threads), a task takes a row's 3 heads that share keys,
+    values and slots at once; a row alone is attended one head at a time. Every row's numbers
+    are the same either way, and match eager."""
+    q, k, v = torch.randn(32, 9, 1, 72), torch.randn(32, 3, 40, 72), torch.randn(32, 3, 40, 72)
+    mask = torch.rand(32, 1, 1, 40) > 0.3
+    mask[0] = False
+    together = sdpa_cpu_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0)
+    expected = eager_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0)
+    torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-5)
+    for row in range(32):
+        q1, k1, v1, mask1 = (t[row : row + 1] for t in (q, k, v, mask))
+        alone = sdpa_cpu_attention(q1, k1, v1, mask=mask1, is_causal=False, scale=0.3, dropout=0.0)
+        assert torch.equal(alone, together[row : row + 1])
+
+
 def test_single_query_kernel_never_reads_masked_keys():
     """NaN in every masked key and value: the grouped matmuls spread it (0 * NaN is NaN), the
     kernel does not read those slots at all."""

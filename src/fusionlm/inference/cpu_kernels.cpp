@@ -507,32 +507,126 @@ std::vector<const T*> pointers(at::TensorList tensors) {
   return result;
 }
 
-// out[0, d) = sum over i < n of weight[i] * values[slot[i] * stride + (0, d)].
-void weighted_sum(float* out, const float* weight, const int64_t* slot, int64_t n,
-                  const float* values, int64_t stride, int64_t d) {
+#ifdef FUSIONLM_AVX2
+// exp of 8 values (Cephes' expf: a degree-5 polynomial on [-ln 2 / 2, ln 2 / 2] times a power
+// of two; within 2 ulp of std::exp), for inputs below 88.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // exp(-87) ~ 1.6e-38: no denormals; NaN stays
+  const __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f}) {
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+  }
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+#endif
+
+// w[i] := exp(w[i] - top) for i < n; returns their sum.
+float exp_shifted(float* w, int64_t n, float top) {
+#ifdef FUSIONLM_AVX2
+  __m256 sum = _mm256_setzero_ps();
+  const __m256 shift = _mm256_set1_ps(top);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(w + i), shift));
+    _mm256_storeu_ps(w + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (i < n) {  // the last values through a buffer: every value goes the same way
+    float tail[8] = {};
+    std::copy(w + i, w + n, tail);
+    const __m256i used = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), shift)),
+                                   _mm256_castsi256_ps(used));
+    _mm256_storeu_ps(tail, e);
+    std::copy(tail, tail + (n - i), w + i);
+    sum = _mm256_add_ps(sum, e);
+  }
+  return horizontal_sum(sum);
+#else
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    w[i] = std::exp(w[i] - top);
+    total += w[i];
+  }
+  return total;
+#endif
+}
+
+// out[h][0, d) = sum over i < n of weight[h * n + i] * values[slot[i] * stride + (0, d)], for
+// the G heads h < G that share these values: each value row is read once for all of them, and
+// every head's sums run in slot order, as they would for that head alone.
+template <int G>
+void weighted_sums(float* const* out, const float* weight, const int64_t* slot, int64_t n,
+                   const float* values, int64_t stride, int64_t d) {
   int64_t t = 0;
 #ifdef FUSIONLM_AVX2
-  for (; t + 32 <= d; t += 32) {  // 32 channels in four registers, one pass over the slots
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (; t + 32 <= d; t += 32) {  // 32 channels of every head in registers, one pass
+    __m256 acc[G][4];
+    for (int h = 0; h < G; ++h) {
+      for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
+    }
     for (int64_t i = 0; i < n; ++i) {
       const float* row = values + slot[i] * stride + t;
-      const __m256 p = _mm256_set1_ps(weight[i]);
-      a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row), a0);
-      a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8), a1);
-      a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 16), a2);
-      a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 24), a3);
+      const __m256 v0 = _mm256_loadu_ps(row), v1 = _mm256_loadu_ps(row + 8);
+      const __m256 v2 = _mm256_loadu_ps(row + 16), v3 = _mm256_loadu_ps(row + 24);
+      for (int h = 0; h < G; ++h) {
+        const __m256 p = _mm256_set1_ps(weight[h * n + i]);
+        acc[h][0] = _mm256_fmadd_ps(p, v0, acc[h][0]);
+        acc[h][1] = _mm256_fmadd_ps(p, v1, acc[h][1]);
+        acc[h][2] = _mm256_fmadd_ps(p, v2, acc[h][2]);
+        acc[h][3] = _mm256_fmadd_ps(p, v3, acc[h][3]);
+      }
     }
-    _mm256_storeu_ps(out + t, a0);
-    _mm256_storeu_ps(out + t + 8, a1);
-    _mm256_storeu_ps(out + t + 16, a2);
-    _mm256_storeu_ps(out + t + 24, a3);
+    for (int h = 0; h < G; ++h) {
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out[h] + t + 8 * j, acc[h][j]);
+    }
   }
 #endif
   for (; t < d; ++t) {
-    float total = 0.0f;
-    for (int64_t i = 0; i < n; ++i) total += weight[i] * values[slot[i] * stride + t];
-    out[t] = total;
+    for (int h = 0; h < G; ++h) {
+      float total = 0.0f;
+      for (int64_t i = 0; i < n; ++i) total += weight[h * n + i] * values[slot[i] * stride + t];
+      out[h][t] = total;
+    }
+  }
+}
+
+// softmax(q_h . k[slot[i]] * factor over i < n) @ v[slot[i]] into out[h], for the g query
+// heads h < g that share one key/value head; `weight` holds g * n floats. Keys and values are
+// read once for the group (in blocks of up to 3 heads, what the registers hold), and each
+// head's result is the one it gets alone.
+void attend_heads(const float* const* queries, int64_t g, const float* keys, int64_t k_slot,
+                  const float* values, int64_t v_slot, const int64_t* slot, int64_t n,
+                  int64_t d, float factor, float* weight, float* const* out) {
+  if (n == 0) {  // no key to attend to
+    for (int64_t h = 0; h < g; ++h) std::fill(out[h], out[h] + d, 0.0f);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* key = keys + slot[i] * k_slot;
+    for (int64_t h = 0; h < g; ++h) weight[h * n + i] = dot(queries[h], key, d) * factor;
+  }
+  for (int64_t h = 0; h < g; ++h) {
+    float* w = weight + h * n;
+    const float total = exp_shifted(w, n, *std::max_element(w, w + n));
+    for (int64_t i = 0; i < n; ++i) w[i] /= total;
+  }
+  for (int64_t h = 0; h < g; h += 3) {
+    const float* w = weight + h * n;
+    switch (std::min<int64_t>(3, g - h)) {
+      case 3: weighted_sums<3>(out + h, w, slot, n, values, v_slot, d); break;
+      case 2: weighted_sums<2>(out + h, w, slot, n, values, v_slot, d); break;
+      default: weighted_sums<1>(out + h, w, slot, n, values, v_slot, d); break;
+    }
   }
 }
 
@@ -813,41 +907,37 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       }
     });
   }
-  at::parallel_for(0, b * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weight(s);
+  // A task attends `heads` query heads of one row that share a key/value head and the slots
+  // they read: the whole group while there are tasks enough for every thread, else one head
+  // (a batch of one row has few groups). The numbers are the same either way.
+  const bool same_slots = mp == nullptr || m_head == 0;
+  const int64_t heads = same_slots && b * h_kv >= 4 * at::get_num_threads() ? group : 1;
+  at::parallel_for(0, b * h / heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weight(heads * s);
     std::vector<int64_t> slot(s);
-    for (int64_t row_head = begin; row_head < end; ++row_head) {
-      const int64_t row = row_head / h, head = row_head % h, kv_head = head / group;
-      const float* query = qp + row * q_row + head * q_head;
-      const float* keys = kp + row * k_row + kv_head * k_head;
-      const float* values = vp + row * v_row + kv_head * v_head;
+    std::vector<const float*> queries(heads);
+    std::vector<float*> results(heads);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task * heads / h, first = task * heads % h, kv_head = first / group;
+      for (int64_t i = 0; i < heads; ++i) {
+        queries[i] = qp + row * q_row + (first + i) * q_head;
+        results[i] = op + (row * h + first + i) * d;
+      }
+      const int64_t* slots = slot.data();
       int64_t n = 0;
-      float top = -std::numeric_limits<float>::infinity();
-      const auto attend = [&](int64_t j) {
-        weight[n] = dot(query, keys + j * k_slot, d) * factor;
-        top = std::max(top, weight[n]);
-        slot[n++] = j;
-      };
       if (!row_slots.empty()) {
-        for (const int64_t j : row_slots[row_slots.size() == 1 ? 0 : row]) attend(j);
+        const auto& allowed = row_slots[row_slots.size() == 1 ? 0 : row];
+        slots = allowed.data();
+        n = static_cast<int64_t>(allowed.size());
       } else {
-        const bool* allow = mp ? mp + row * m_row + head * m_head : nullptr;
+        const bool* allow = mp ? mp + row * m_row + first * m_head : nullptr;
         for (int64_t j = 0; j < s; ++j) {
-          if (!allow || allow[j * m_slot]) attend(j);
+          if (!allow || allow[j * m_slot]) slot[n++] = j;
         }
       }
-      float* result = op + row_head * d;
-      if (n == 0) {  // no key to attend to
-        std::fill(result, result + d, 0.0f);
-        continue;
-      }
-      float total = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        weight[i] = std::exp(weight[i] - top);
-        total += weight[i];
-      }
-      for (int64_t i = 0; i < n; ++i) weight[i] /= total;
-      weighted_sum(result, weight.data(), slot.data(), n, values, v_slot, d);
+      attend_heads(queries.data(), heads, kp + row * k_row + kv_head * k_head, k_slot,
+                   vp + row * v_row + kv_head * v_head, v_slot, slots, n, d, factor,
+                   weight.data(), results.data());
     }
   });
   return out;
