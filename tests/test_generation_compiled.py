@@ -99,6 +99,24 @@ def test_a_compiled_step_gives_the_same_logits_on_one_thread(monkeypatch):
     assert torch.equal(one, two)
 
 
+def test_a_compiled_step_runs_as_a_dispatcher_op():
+    """A stored step runs as ``fusionlm::run_step``, which PyTorch's dispatcher calls with the
+    GIL released, so other threads (a server's event loop) run Python meanwhile; torch's own
+    binding of the loader (``torch._C._aoti``) held the GIL for the whole step."""
+    decoder = model()
+    decoder.setup_caches(1, torch.float32, decoder_max_seq_len=256, fixed_shape=True)
+    try:
+        with torch.inference_mode():
+            step = decode_step.DecodeStep(decoder, compile=True)
+            assert step.compiled
+            token, position = torch.tensor([[5]]), torch.tensor([[0]])
+            with torch.profiler.profile() as profile:
+                step(token, mask=None, encoder_mask=None, input_pos=position)
+    finally:
+        decoder.remove_caches()
+    assert "fusionlm::run_step" in {event.name for event in profile.events()}
+
+
 def test_token_loops_reuse_the_caches_their_step_is_bound_to(step_cache, monkeypatch):
     """AOTInductor keeps every tensor a step is bound to for good: three token loops must
     leave one set of KV caches alive, not three, and decode as the first did."""

@@ -54,7 +54,10 @@ INT8_GROUP_SIZE = 32
 MATVEC_MAX_ROWS = 16
 """Up to this many rows (decoding) the matvec kernels beat a GEMM; more rows (a prompt) run
 in ``linear_tiled`` (int8, int4) or one GEMM (fp32, bf16)."""
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")  # and cpu_group_kernels.h, which it includes
+SOURCES = [
+    Path(__file__).with_name("cpu_kernels.cpp"),  # and cpu_group_kernels.h, which it includes
+    Path(__file__).with_name("step_runner.cpp"),  # decode_step's runner of stored steps
+]
 
 
 @functools.cache
@@ -79,7 +82,7 @@ def load_kernels() -> bool:
             )
         load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             build_directory=str(build),
             # -fopenmp: without it at::parallel_for compiles to a serial loop.
             extra_cflags=["-O3", "-march=native", "-fopenmp"],

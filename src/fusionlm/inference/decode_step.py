@@ -309,7 +309,7 @@ class _LoadedStep:
     """A loaded package, and the tensors it was last bound to (see ``_bind``): kept together,
     so a package loaded again after leaving ``_load_package``'s cache is bound again."""
 
-    runner: torch._C._aoti.AOTIModelPackageLoader
+    runner: torch.ScriptObject  # torch.classes.fusionlm.StepRunner
     bound: dict[str, Tensor] | None = None
 
 
@@ -317,15 +317,18 @@ class _LoadedStep:
 def _load_package(path: str, mtime_ns: int, key: str) -> _LoadedStep:
     """The loaded package at ``path`` (once per process and version of the file).
 
-    AOTInductor's own loader is called directly: ``torch._inductor.aoti_load_package``
-    imports inductor (~1 s) and compiles probe programs to compare vector ISAs (~0.9 s, every
-    process), a check ``step_key`` already makes, while this loader takes ~5 ms. The compiled
-    tests run through it, so a torch that changes it fails them.
+    AOTInductor's loader is called directly, through ``step_runner.cpp`` (in fusionlm's
+    kernel library), whose steps let go of the GIL while they run:
+    ``torch._inductor.aoti_load_package`` imports inductor (~1 s) and compiles probe programs
+    to compare vector ISAs (~0.9 s, every process), a check ``step_key`` already makes, while
+    this loader takes ~5 ms; and torch's binding of the loader holds the GIL for a whole step.
+    The compiled tests run through it, so a torch that changes it fails them.
     """
-    load_kernels()  # the package calls fusionlm's ops: register them first
+    if not load_kernels():  # the package calls fusionlm's ops, and the runner is among them
+        raise RuntimeError("fusionlm's CPU kernels, which a compiled step calls, are not built")
     try:
-        loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
-        stored_key = loader.get_metadata().get("fusionlm_key")
+        loader = torch.classes.fusionlm.StepRunner(path)
+        stored_key = loader.metadata().get("fusionlm_key")
     except RuntimeError as error:
         raise StaleStepError(
             f"the stored decode step {path} is unreadable ({str(error).splitlines()[0]})"
@@ -355,7 +358,7 @@ def _bind(step: _LoadedStep, model: TransformerDecoder) -> None:
     again.
     """
     tensors = _named_tensors(model, prefix="model")
-    wanted = {name: tensors[name] for name in step.runner.get_constant_fqns()}
+    wanted = {name: tensors[name] for name in step.runner.constant_fqns()}
     bound = step.bound
     caches = {
         name for name, module in model.named_modules(prefix="model") if isinstance(module, KVCache)
@@ -371,7 +374,7 @@ def _bind(step: _LoadedStep, model: TransformerDecoder) -> None:
         for name, tensor in wanted.items()
     )
     if not reusable:
-        step.runner.load_constants(wanted, False, True, True)
+        step.runner.bind(wanted)
         step.bound = wanted
         return
     for name, tensor in wanted.items():
@@ -449,7 +452,7 @@ class DecodeStep:
                 self.model, tokens, mask=mask, encoder_mask=encoder_mask, input_pos=input_pos
             )
         with self.threads.step():
-            (logits,) = self.runner.boxed_run([tokens, input_pos, mask])
+            (logits,) = torch.ops.fusionlm.run_step(self.runner, [tokens, input_pos, mask])
             return logits
 
 
