@@ -313,9 +313,9 @@ def test_fixed_shape_cache_decodes_like_the_full_forward(backend):
 
 def test_cache_rows_fill_and_decode_independently():
     """A fixed-shape cache whose rows hold prompts of different lengths, each prefilled
-    alone into its row (``cache_row``): a batched step gives each row the logits of its own
+    alone into its row (``CacheRows``): a batched step gives each row the logits of its own
     sequence, and a masked-out row changes nothing for the others."""
-    from fusionlm.modules.decoder import cache_row
+    from fusionlm.modules.decoder import CacheRows
 
     model = tiny("sdpa")
     prompts = [torch.randint(0, 96, (1, n)) for n in (9, 4, 6)]
@@ -326,7 +326,7 @@ def test_cache_rows_fill_and_decode_independently():
         ]
         model.setup_caches(3, torch.float32, decoder_max_seq_len=32, fixed_shape=True)
         for row, prompt in enumerate(prompts):
-            with cache_row(model, row):
+            with CacheRows(model).row(row):
                 model(prompt, input_pos=torch.arange(prompt.shape[1])[None])
         caches = [m for m in model.modules() if isinstance(m, KVCache)]
         assert caches[0].next_slot.tolist() == [9, 4, 6]
@@ -353,14 +353,14 @@ def test_a_mask_narrowed_once_decodes_like_each_layer_narrowing_it(monkeypatch):
     ``slot_cache`` (and the one being written); inside ``masks_cover_filled_slots`` the
     layers take it as given: the same logits, bit for bit, as each layer narrowing the raw
     mask itself, with one narrowing per step instead of one per layer."""
-    from fusionlm.modules.decoder import cache_row, masks_cover_filled_slots, slot_cache
+    from fusionlm.modules.decoder import CacheRows, masks_cover_filled_slots, slot_cache
 
     model = tiny("sdpa")
     model.setup_caches(2, torch.float32, decoder_max_seq_len=32, fixed_shape=True)
     caches = [m for m in model.modules() if isinstance(m, KVCache)]
     with torch.no_grad():
         for row, length in enumerate((7, 3)):
-            with cache_row(model, row):
+            with CacheRows(model).row(row):
                 model(torch.randint(0, 96, (1, length)), input_pos=torch.arange(length)[None])
         tokens, positions = torch.randint(0, 96, (2, 1)), torch.tensor([[7], [3]])
         raw = torch.ones(2, 1, 1, 32, dtype=torch.bool)

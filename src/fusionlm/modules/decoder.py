@@ -345,26 +345,35 @@ def disable_kv_cache(model: nn.Module) -> Iterator[nn.Module]:
             m.cache_enabled = enabled
 
 
-@contextlib.contextmanager
-def cache_row(model: nn.Module, index: int) -> Iterator[nn.Module]:
-    """Run ``model`` on row ``index`` of its fixed-shape KV caches: inside, a batch-1 forward
-    reads and writes that row alone, at the row's own write position, whatever the other
-    rows hold (a request's prompt joining a batch that is decoding; see ``KVCache.row``).
+class CacheRows:
+    """Rows of ``model``'s fixed-shape KV caches, each a batch of one: inside ``row(index)``,
+    a batch-1 forward reads and writes that row alone, at the row's own write position,
+    whatever the other rows hold (a request's prompt joining a batch that is decoding; see
+    ``KVCache.row``). The layers are found, and each row's views made, once (finding them
+    took ~1 ms a call on the default model); make it after ``setup_caches``.
 
     Raises:
         ValueError: the model has no caches set up.
-        RuntimeError: the caches are not ``fixed_shape``.
+        RuntimeError: (``row``) the caches are not ``fixed_shape``.
     """
-    attns = _cached_attention(model, needed_by="cache_row")
-    caches = [m.kv_cache for m in attns]
-    views = [cache.row(index) for cache in caches]
-    for m, view in zip(attns, views, strict=True):
-        m.kv_cache = view
-    try:
-        yield model
-    finally:
-        for m, cache in zip(attns, caches, strict=True):
-            m.kv_cache = cache
+
+    def __init__(self, model: nn.Module) -> None:
+        self.attns = _cached_attention(model, needed_by="CacheRows")
+        self.caches = [m.kv_cache for m in self.attns]
+        self.views: dict[int, list[KVCache]] = {}
+
+    @contextlib.contextmanager
+    def row(self, index: int) -> Iterator[None]:
+        """Run the model on row ``index`` within this context."""
+        if index not in self.views:
+            self.views[index] = [cache.row(index) for cache in self.caches]
+        for m, view in zip(self.attns, self.views[index], strict=True):
+            m.kv_cache = view
+        try:
+            yield
+        finally:
+            for m, cache in zip(self.attns, self.caches, strict=True):
+                m.kv_cache = cache
 
 
 def slot_cache(model: nn.Module) -> KVCache | None:
@@ -420,9 +429,9 @@ def _cached_attention(model: nn.Module, *, needed_by: str) -> list[MultiHeadAtte
 
 
 __all__ = [
+    "CacheRows",
     "TiedLinear",
     "TransformerDecoder",
-    "cache_row",
     "disable_kv_cache",
     "masks_cover_filled_slots",
     "slot_cache",

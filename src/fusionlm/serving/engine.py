@@ -4,7 +4,7 @@ step, and runs every request on it (continuous batching).
 Each cache row holds one running request (one choice of it) at its own length: a request
 takes free rows when it is admitted and gives them back when it ends, while the others keep
 decoding. Waiting requests are admitted in arrival order. A request's prompt is prefilled
-alone, into its row (``cache_row``), in chunks of ``prefill_chunk`` tokens between decode
+alone, into its row (``CacheRows``), in chunks of ``prefill_chunk`` tokens between decode
 steps, so that running requests stall by at most one chunk; with ``n > 1`` the prompt is
 prefilled once and its row copied. Every decode step runs all ``slots`` rows (idle rows
 masked out), so it is one graph of one shape, compiled once.
@@ -40,7 +40,7 @@ from torch import Tensor
 from fusionlm.errors import InvalidInputError
 from fusionlm.generation import PREFILL_CHUNK, SamplingParams, sample
 from fusionlm.inference.decode_step import CompileMode, DecodeStep, stored_step_path
-from fusionlm.modules.decoder import TransformerDecoder, cache_row
+from fusionlm.modules.decoder import CacheRows, TransformerDecoder
 from fusionlm.modules.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -289,6 +289,7 @@ class Engine:
             fixed_shape=True,
         )
         self.caches = [m for m in model.modules() if isinstance(m, KVCache)]
+        self.cache_rows = CacheRows(model)
         self._build_step_elsewhere(model)
         self.step = DecodeStep(model, compile=self.compile)
         self.compiled = self.step.compiled
@@ -435,7 +436,7 @@ class Engine:
         chunk = request.prompt[job.position : job.position + self.prefill_chunk]
         tokens = torch.tensor([chunk], dtype=torch.long)
         positions = torch.arange(job.position, job.position + len(chunk))[None]
-        with cache_row(self.model, row):
+        with self.cache_rows.row(row):
             logits = self.model(tokens, input_pos=positions, logits_to_keep=1)[:, -1]
         self.held[row].extend(chunk)
         job.position += len(chunk)
