@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusionlm.inference.attention import sdpa_cpu_attention
+from fusionlm.inference.attention import KERNEL_MAX_SCORES, sdpa_cpu_attention
 from fusionlm.inference.cpu_kernels import load_kernels
 from fusionlm.modules import masks
 from fusionlm.modules.attention import eager_attention, get_attention_backend
@@ -13,17 +13,44 @@ from fusionlm.modules.attention import eager_attention, get_attention_backend
 pytestmark = pytest.mark.usefixtures("kernels")
 
 
-def test_prompts_equal_eager_and_the_backend_is_registered():
-    q, k, v = torch.randn(2, 6, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
-    keep = torch.rand(2, 9) > 0.3
+@pytest.mark.parametrize("length", [9, 65])  # 9 x 9: the kernel; 65 x 65: SDPA's fused one
+def test_prompts_equal_eager_and_the_backend_is_registered(length):
+    assert (length * length <= KERNEL_MAX_SCORES) == (length == 9)
+    q = torch.randn(2, length, 6, 8).transpose(1, 2)  # strided as a layer's queries are
+    k, v = torch.randn(2, 2, length, 8), torch.randn(2, 2, length, 8)
+    keep = torch.rand(2, length) > 0.3
     mask = masks.to_bool_mask(
-        masks.and_masks(masks.causal(), masks.padding(keep)), batch_size=2, q_len=9, kv_len=9
+        masks.and_masks(masks.causal(), masks.padding(keep)),
+        batch_size=2,
+        q_len=length,
+        kv_len=length,
     )
     backend = get_attention_backend("sdpa_cpu")
     for m, causal in ((None, True), (mask, False)):
         expected = eager_attention(q, k, v, mask=m, is_causal=causal, scale=0.3, dropout=0.0)
         actual = backend(q, k, v, mask=m, is_causal=causal, scale=0.3, dropout=0.0)
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_a_prompt_query_gets_what_it_gets_in_any_chunk():
+    """A chunk of queries over a cache: each query's numbers are those it gets alone, as one
+    query over the keys it may see (a prompt prefilled whole, in chunks, or after a reused
+    prefix gives the same keys and values)."""
+    q = torch.randn(1, 7, 9, 16).transpose(1, 2)  # 7 queries, the last 7 of 12 slots
+    k, v = torch.randn(1, 3, 12, 16), torch.randn(1, 3, 12, 16)
+    chunk = masks.to_bool_mask(masks.causal(), batch_size=1, q_len=7, kv_len=12, q_offset=5)
+    together = sdpa_cpu_attention(q, k, v, mask=chunk, is_causal=False, scale=0.3, dropout=0.0)
+    for i in range(7):
+        alone = sdpa_cpu_attention(
+            q[:, :, i : i + 1],
+            k,
+            v,
+            mask=chunk[:, :, i : i + 1],
+            is_causal=False,
+            scale=0.3,
+            dropout=0.0,
+        )
+        assert torch.equal(alone, together[:, :, i : i + 1])
 
 
 def single_query_inputs(
@@ -97,7 +124,7 @@ def test_single_query_with_autograd_takes_the_differentiable_path():
 def test_decode_attention_kernel_refuses_a_mask_that_does_not_fit():
     assert load_kernels()
     q, k, v = single_query_inputs(2)
-    with pytest.raises(RuntimeError, match=r"mask must be bool \[1 or b, 1 or h, 1, s\]"):
+    with pytest.raises(RuntimeError, match=r"mask must be bool \[1 or b, 1 or h, 1 or s_q, s\]"):
         torch.ops.fusionlm.decode_attention(q, k, v, torch.ones(3, 1, 1, 9, dtype=torch.bool), 0.3)
     with pytest.raises(RuntimeError, match="do not fit q"):
         torch.ops.fusionlm.decode_attention(q, k[:, :, :, :4], v[:, :, :, :4], None, 0.3)

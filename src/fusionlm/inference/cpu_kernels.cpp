@@ -854,88 +854,99 @@ void allowed_slots(const bool* allow, int64_t s, int64_t stride, std::vector<int
 
 }  // namespace
 
-// softmax(q . k[j] * scale over the keys j the mask allows) @ v, one query per (row, head).
-// A query's head shares key/value head head / (h / h_kv) (grouped-query attention). Keys the
+// softmax(q . k[j] * scale over the keys j the mask allows) @ v, for each query of each (row,
+// head): a decode step's one query per row, or a prompt's chunk over its row's cache. A
+// query's head shares key/value head head / (h / h_kv) (grouped-query attention). Keys the
 // mask excludes are never read, so a fixed-length cache costs what it holds, and a query with
-// no allowed key gets zeros.
+// no allowed key gets zeros. Each query's result depends on its own allowed keys alone, read
+// in slot order: the same in whatever chunk of a prompt, or step, it comes.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "q must be [b, h, 1, d], got ", q.sizes());
+  TORCH_CHECK(q.dim() == 4, "q must be [b, h, s_q, d], got ", q.sizes());
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "k and v must be [b, h_kv, s, d], got ",
               k.sizes(), " and ", v.sizes());
-  const int64_t b = q.size(0), h = q.size(1), d = q.size(3), h_kv = k.size(1), s = k.size(2);
+  const int64_t b = q.size(0), h = q.size(1), queries = q.size(2), d = q.size(3);
+  const int64_t h_kv = k.size(1), s = k.size(2);
   TORCH_CHECK(k.size(0) == b && k.size(3) == d && h % h_kv == 0,
               "k and v [b, h_kv, s, d] do not fit q ", q.sizes(), ": got ", k.sizes());
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(3) == 1,
                 "q, k and v must be float32 with contiguous rows");
   }
-  // The mask's strides over [b, h, s], 0 along a dimension it broadcasts (no expanded copy).
+  // The mask's strides over [b, h, s_q, s], 0 along a dimension it broadcasts (no copy).
   const bool* mp = nullptr;
-  int64_t m_row = 0, m_head = 0, m_slot = 0;
+  int64_t m_row = 0, m_head = 0, m_query = 0, m_slot = 0;
   if (mask.has_value()) {
     const auto& m = *mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(2) == 1 &&
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 &&
                     (m.size(0) == 1 || m.size(0) == b) && (m.size(1) == 1 || m.size(1) == h) &&
-                    m.size(3) == s,
-                "mask must be bool [1 or b, 1 or h, 1, s] with b=", b, ", h=", h, ", s=", s,
-                ", got ", m.scalar_type(), " ", m.sizes());
+                    (m.size(2) == 1 || m.size(2) == queries) && m.size(3) == s,
+                "mask must be bool [1 or b, 1 or h, 1 or s_q, s] with b=", b, ", h=", h,
+                ", s_q=", queries, ", s=", s, ", got ", m.scalar_type(), " ", m.sizes());
     mp = m.data_ptr<bool>();
     m_row = m.size(0) == 1 ? 0 : m.stride(0);
     m_head = m.size(1) == 1 ? 0 : m.stride(1);
+    m_query = m.size(2) == 1 ? 0 : m.stride(2);
     m_slot = m.stride(3);
   }
-  auto out = at::empty({b, h, 1, d}, q.options());
+  auto out = at::empty({b, h, queries, d}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   // Strides as plain integers: Tensor::stride() is a call, too slow for the inner loops.
-  const int64_t q_row = q.stride(0), q_head = q.stride(1);
+  const int64_t q_row = q.stride(0), q_head = q.stride(1), q_query = q.stride(2);
   const int64_t k_row = k.stride(0), k_head = k.stride(1), k_slot = k.stride(2);
   const int64_t v_row = v.stride(0), v_head = v.stride(1), v_slot = v.stride(2);
   const int64_t group = h / h_kv;
   const float factor = static_cast<float>(scale);
-  // A mask shared by the heads is read once per row, not once per head: the slots each row
-  // may read, in order (a fixed-length cache's mask is mostly unfilled slots).
-  std::vector<std::vector<int64_t>> row_slots;
+  // A mask shared by the heads is read once per (row, query), not once per head: the slots
+  // each may read, in order (a fixed-length cache's mask is mostly unfilled slots).
+  std::vector<std::vector<int64_t>> query_slots;
+  const int64_t mask_rows = m_row == 0 ? 1 : b, mask_queries = m_query == 0 ? 1 : queries;
   if (mp != nullptr && m_head == 0) {
-    row_slots.resize(m_row == 0 ? 1 : b);
-    at::parallel_for(0, row_slots.size(), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        allowed_slots(mp + row * m_row, s, m_slot, row_slots[row]);
+    query_slots.resize(mask_rows * mask_queries);
+    at::parallel_for(0, query_slots.size(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        allowed_slots(mp + i / mask_queries * m_row + i % mask_queries * m_query, s, m_slot,
+                      query_slots[i]);
       }
     });
   }
-  // A task attends `heads` query heads of one row that share a key/value head and the slots
-  // they read: the whole group while there are tasks enough for every thread, else one head
-  // (a batch of one row has few groups). The numbers are the same either way.
+  // A task attends one query of `heads` heads of a row that share a key/value head and the
+  // slots they read: the whole group while there are tasks enough for every thread, else one
+  // head (a batch of one row has few groups). The numbers are the same either way.
   const bool same_slots = mp == nullptr || m_head == 0;
-  const int64_t heads = same_slots && b * h_kv >= 4 * at::get_num_threads() ? group : 1;
-  at::parallel_for(0, b * h / heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads =
+      same_slots && b * h_kv * queries >= 4 * at::get_num_threads() ? group : 1;
+  const int64_t head_tasks = h / heads;
+  at::parallel_for(0, b * queries * head_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weight(heads * s);
     std::vector<int64_t> slot(s);
-    std::vector<const float*> queries(heads);
+    std::vector<const float*> inputs(heads);
     std::vector<float*> results(heads);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task * heads / h, first = task * heads % h, kv_head = first / group;
+      const int64_t row = task / (queries * head_tasks);
+      const int64_t query = task / head_tasks % queries;
+      const int64_t first = task % head_tasks * heads, kv_head = first / group;
       for (int64_t i = 0; i < heads; ++i) {
-        queries[i] = qp + row * q_row + (first + i) * q_head;
-        results[i] = op + (row * h + first + i) * d;
+        inputs[i] = qp + row * q_row + (first + i) * q_head + query * q_query;
+        results[i] = op + ((row * h + first + i) * queries + query) * d;
       }
       const int64_t* slots = slot.data();
       int64_t n = 0;
-      if (!row_slots.empty()) {
-        const auto& allowed = row_slots[row_slots.size() == 1 ? 0 : row];
+      if (!query_slots.empty()) {
+        const auto& allowed =
+            query_slots[(m_row == 0 ? 0 : row) * mask_queries + (m_query == 0 ? 0 : query)];
         slots = allowed.data();
         n = static_cast<int64_t>(allowed.size());
       } else {
-        const bool* allow = mp ? mp + row * m_row + first * m_head : nullptr;
+        const bool* allow = mp ? mp + row * m_row + first * m_head + query * m_query : nullptr;
         for (int64_t j = 0; j < s; ++j) {
           if (!allow || allow[j * m_slot]) slot[n++] = j;
         }
       }
-      attend_heads(queries.data(), heads, kp + row * k_row + kv_head * k_head, k_slot,
+      attend_heads(inputs.data(), heads, kp + row * k_row + kv_head * k_head, k_slot,
                    vp + row * v_row + kv_head * v_head, v_slot, slots, n, d, factor,
                    weight.data(), results.data());
     }
@@ -965,8 +976,8 @@ TORCH_LIBRARY(fusionlm, m) {
   m.def("linear_tiled(Tensor x, Tensor weight, Tensor scale, Tensor? offset) -> Tensor");
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("use_isa(str isa) -> str", &use_isa);
-  // q [b, h, 1, d], k and v [b, h_kv, s, d], mask None or bool [1 or b, 1 or h, 1, s] (True =
-  // may attend) -> [b, h, 1, d], all fp32
+  // q [b, h, s_q, d], k and v [b, h_kv, s, d], mask None or bool [1 or b, 1 or h, 1 or s_q, s]
+  // (True = may attend) -> [b, h, s_q, d], all fp32
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
