@@ -23,11 +23,15 @@ returns one output per weight, computed in one parallel pass over all their rows
 ``torch.ops.fusionlm.dequantize(weight, scale, offset or None)`` gives an int8 or int4
 layer's fp32 weight in one pass, and ``torch.ops.fusionlm.linear_tiled(x [m, k], weight,
 scale, offset or None) -> [m, n]`` multiplies a prompt's rows by it a few weight rows at a
-time, dequantized into a buffer the L1 cache holds. And one attention kernel for decoding,
-which reads only the cached keys a query may attend to:
+time, dequantized into a buffer the L1 cache holds. And one attention kernel for decoding
+(and short prompt chunks), which reads only the cached keys a query may attend to:
 
-- ``torch.ops.fusionlm.decode_attention(q [b, h, 1, d], k, v [b, h_kv, s, d], mask, scale)``
-  with ``mask`` None or bool ``[1 or b, 1 or h, 1, s]``; fp32 in and out.
+- ``torch.ops.fusionlm.decode_attention(q [b, h, s_q, d], k, v [b, h_kv, s, d], mask, scale)``
+  with ``mask`` None or bool ``[1 or b, 1 or h, 1 or s_q, s]``; fp32 in and out.
+
+The same library holds ``torch.classes.fusionlm.StepRunner`` and
+``torch.ops.fusionlm.run_step``, which load and run a stored decode step without holding the
+GIL (``step_runner.cpp``, used by ``decode_step``).
 
 They are registered with PyTorch's dispatcher in C++, so a compiled decode step calls them
 without going through Python. ``load_kernels`` compiles them the first time (about 15 s,
@@ -145,7 +149,7 @@ def _tiled_output_like(x: Tensor, weight: Tensor, scale: Tensor, offset: Tensor 
 def _attention_output_like(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
 ) -> Tensor:
-    """``decode_attention``'s output for tracing: contiguous ``[b, h, 1, d]`` fp32."""
+    """``decode_attention``'s output for tracing: contiguous ``[b, h, s_q, d]`` fp32."""
     return q.new_empty(q.shape)
 
 
