@@ -252,7 +252,8 @@ def test_a_run_without_a_stored_step_decodes_eagerly_and_builds_it_for_the_next(
 
 def test_a_server_builds_its_missing_step_with_fusionlm_compile(capsys, monkeypatch):
     """The server waits on ``fusionlm compile`` for its slots and context, with its own model,
-    dtype, quantization and threads (the step's key has them all), so it never imports the
+    dtype, quantization, KV cache dtype and threads (the step's key has them all), so it never
+    imports the
     compiler itself; a build that fails there is said, and the server builds it itself."""
     ran = []
 
@@ -262,7 +263,9 @@ def test_a_server_builds_its_missing_step_with_fusionlm_compile(capsys, monkeypa
 
     monkeypatch.setattr(cli.subprocess, "run", failing_run)
     torch.set_num_threads(2)
-    args = cli.build_parser().parse_args(["serve", "--quant", "int8", "--dtype", "bfloat16"])
+    args = cli.build_parser().parse_args(
+        ["serve", "--quant", "int8", "--dtype", "bfloat16", "--kv-cache-dtype", "float16"]
+    )
     cli._step_builder(args)(8, 2048)
     (command,) = ran
     assert command[:4] == [sys.executable, "-m", "fusionlm.cli", "compile"]
@@ -274,6 +277,7 @@ def test_a_server_builds_its_missing_step_with_fusionlm_compile(capsys, monkeypa
         "threads": 2,
         "batch_size": 8,
         "cache_len": 2048,
+        "kv_cache_dtype": "float16",
         "run": None,
     }
     assert "building the decode step in another process failed (exit status 1)" in (

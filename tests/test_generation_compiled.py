@@ -64,9 +64,11 @@ def test_a_stored_step_computes_with_the_models_current_weights(step_cache):
     assert stored(step_cache) == before
 
 
-def step_logits(decoder, prompt: list[int], continuation: list[int], *, compile):
+def step_logits(
+    decoder, prompt: list[int], continuation: list[int], *, compile, cache_dtype=torch.float32
+):
     """Next-token logits ``[len(continuation), v]`` of decode steps fed ``continuation``."""
-    decoder.setup_caches(1, torch.float32, decoder_max_seq_len=256, fixed_shape=True)
+    decoder.setup_caches(1, cache_dtype, decoder_max_seq_len=256, fixed_shape=True)
     try:
         with torch.inference_mode():
             decoder(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
@@ -115,6 +117,26 @@ def test_a_compiled_step_runs_as_a_dispatcher_op():
     finally:
         decoder.remove_caches()
     assert "fusionlm::run_step" in {event.name for event in profile.events()}
+
+
+def test_a_float16_cache_has_its_own_step_with_the_eager_logits(step_cache):
+    """A float16 KV cache is another step (its key names the cache's dtype), which computes
+    what the eager steps compute over the same cache."""
+    decoder = model()
+    keys = {
+        dtype: decode_step.step_key(decoder, batch_size=1, cache_len=256, cache_dtype=dtype)
+        for dtype in (None, torch.float32, torch.float16)
+    }
+    assert keys[None] == keys[torch.float32] != keys[torch.float16]
+    continuation = generate(decoder, [PROMPTS[0]], max_new_tokens=8, compile=False)[0]
+    logits = {
+        compile: step_logits(
+            decoder, PROMPTS[0], continuation, compile=compile, cache_dtype=torch.float16
+        )
+        for compile in (True, False)
+    }
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=0)
+    assert f"{keys[torch.float16]}.pt2" in stored(step_cache)
 
 
 def test_token_loops_reuse_the_caches_their_step_is_bound_to(step_cache, monkeypatch):

@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV cache slots (a multiple of 256 serves every reply that fits; default: "
         "what `generate` uses with its default --max-new-tokens for a short prompt)",
     )
+    _add_kv_cache_dtype(compile_step)
     compile_step.set_defaults(run=run_compile)
 
     server = commands.add_parser(
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds running requests may take to finish after SIGTERM",
     )
+    _add_kv_cache_dtype(server)
     server.add_argument(
         "--prefill-chunk",
         type=int,
@@ -298,10 +300,28 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def _add_kv_cache_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("float32", "float16"),
+        help="the KV cache's dtype (default: --dtype's); float16, llama.cpp's default, halves "
+        "its memory and the attention's reads at long contexts, for keys and values rounded "
+        "to fp16",
+    )
+
+
 def _dtype(args: argparse.Namespace) -> torch.dtype:
     import torch
 
     return getattr(torch, args.dtype)
+
+
+def _kv_cache_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """``--kv-cache-dtype``, None where it is not given (or the command has none)."""
+    import torch
+
+    name = getattr(args, "kv_cache_dtype", None)
+    return None if name is None else getattr(torch, name)
 
 
 def _load(args: argparse.Namespace) -> tuple[TransformerDecoder, Tokenizer, float]:
@@ -403,13 +423,15 @@ def _build_step_in_background(args: argparse.Namespace, step: Path, cache_len: i
 
 def _compile_command(args: argparse.Namespace, *, batch_size: int, cache_len: int) -> list[str]:
     """``fusionlm compile`` for the decode step this process would build: the same model,
-    dtype, quantization and thread count (the step's key has them all)."""
+    dtype, quantization, KV cache dtype and thread count (the step's key has them all)."""
     import torch
 
+    cache_dtype = getattr(args, "kv_cache_dtype", None)
     return [
         sys.executable, "-m", "fusionlm.cli", "compile", "--model", args.model,
         "--dtype", args.dtype, "--quant", args.quant, "--threads", str(torch.get_num_threads()),
         "--batch-size", str(batch_size), "--cache-len", str(cache_len),
+        *([] if cache_dtype is None else ["--kv-cache-dtype", cache_dtype]),
     ]  # fmt: skip
 
 
@@ -664,7 +686,9 @@ def run_compile(args: argparse.Namespace) -> int:
         if args.cache_len is not None
         else cache_length(1 + DEFAULT_MAX_NEW_TOKENS, model.max_seq_len)
     )
-    path = compile_decode_step(model, batch_size=args.batch_size, cache_len=cache_len)
+    path = compile_decode_step(
+        model, batch_size=args.batch_size, cache_len=cache_len, cache_dtype=_kv_cache_dtype(args)
+    )
     print(path)
     return 0
 
@@ -698,7 +722,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def load() -> TransformerDecoder:
         model = load_model(args.model, dtype=_dtype(args), quant=args.quant)
-        if args.host in LOOPBACK_HOSTS and not keys:  # for this machine's generate commands
+        # Offered to this machine's generate commands, whose replies must be what they would
+        # compute themselves: not with a narrower KV cache.
+        same_cache = args.kv_cache_dtype in (None, args.dtype)
+        if args.host in LOOPBACK_HOSTS and not keys and same_cache:
             import torch
 
             served = ServedModel(
@@ -713,9 +740,10 @@ def run_serve(args: argparse.Namespace) -> int:
                 precision=precision(model),
             )
             records.enter_context(registered(served))
+        cache = "" if same_cache else f", {args.kv_cache_dtype} KV cache"
         print(
-            f"fusionlm: serving {args.model} ({precision(model)}), {args.slots} slots of "
-            f"{args.ctx} tokens, on http://{args.host}:{args.port}",
+            f"fusionlm: serving {args.model} ({precision(model)}{cache}), {args.slots} slots "
+            f"of {args.ctx} tokens, on http://{args.host}:{args.port}",
             file=sys.stderr,
             flush=True,
         )
@@ -735,6 +763,7 @@ def run_serve(args: argparse.Namespace) -> int:
             drain_timeout=args.drain_timeout,
             compile=True if args.compile == "auto" else args.compile,
             build_step=_step_builder(args),
+            cache_dtype=_kv_cache_dtype(args),
             **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
         )
     return 0

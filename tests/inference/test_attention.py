@@ -96,6 +96,24 @@ def test_heads_that_share_keys_get_what_they_get_alone():
         assert torch.equal(alone, together[row : row + 1])
 
 
+@pytest.mark.parametrize("queries", [1, 5])  # a decode step; a prompt chunk
+def test_fp16_keys_and_values_give_fp32_attention_over_their_values(queries):
+    """A float16 KV cache: the kernel reads fp16 keys and values (fp32 queries, sums and
+    output), which gives what fp32 attention gives on the same rounded values."""
+    q = torch.randn(3, queries, 6, 40).transpose(1, 2)
+    k, v = torch.randn(3, 2, 10, 40).half(), torch.randn(3, 2, 10, 40).half()
+    mask = torch.rand(3, 1, queries, 10) > 0.3
+    mask[..., 0] = True
+    actual = sdpa_cpu_attention(q, k, v, mask=mask, is_causal=False, scale=0.3, dropout=0.0)
+    expected = eager_attention(
+        q, k.float(), v.float(), mask=mask, is_causal=False, scale=0.3, dropout=0.0
+    )
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="k and v both float32 or both float16"):
+        torch.ops.fusionlm.decode_attention(q, k, v.float(), mask, 0.3)
+
+
 def test_single_query_kernel_never_reads_masked_keys():
     """NaN in every masked key and value: the grouped matmuls spread it (0 * NaN is NaN), the
     kernel does not read those slots at all."""

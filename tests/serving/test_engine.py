@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 import fusionlm.inference.attention  # noqa: F401 (registers the sdpa_cpu backend)
 from fusionlm.generation import SamplingParams, generate
@@ -106,6 +107,23 @@ def test_each_request_gets_its_lone_tokens_among_others(engine, reference):
     assert all(len(tokens) == 12 for tokens in alone)
     greedy = generate(reference, PROMPTS[::2], max_new_tokens=12, compile=False)
     assert alone[::2] == greedy
+
+
+def test_a_float16_kv_cache_keeps_each_request_to_its_lone_tokens():
+    """``cache_dtype=float16``: half the cache's bytes, and still each request's tokens among
+    others equal its tokens alone, with and without a reused prefix."""
+    engine = start_engine(model(), prefill_chunk=4, cache_dtype=torch.float16)
+    try:
+        caches = engine.caches
+        assert {c.k_cache.dtype for c in caches} == {torch.float16}
+        requests = [request(p, cache_prompt=False) for p in PROMPTS]
+        alone = [run(engine, [r])[0].tokens() for r in requests]
+        assert [sink.tokens() for sink in run(engine, requests)] == alone
+        run(engine, [request(PROMPTS[0])])
+        (again,) = run(engine, [request(PROMPTS[0])])  # its row holds the prompt now
+        assert started(again).cached_tokens > 0 and again.tokens() == alone[0]
+    finally:
+        engine.stop()
 
 
 def test_a_reused_prefix_gives_the_same_tokens(engine):

@@ -38,8 +38,9 @@ def sdpa_cpu_attention(
     dropout: float,
 ) -> Tensor:
     """``sdpa_attention``, except a single query, or a prompt chunk of at most
-    ``KERNEL_MAX_SCORES`` query-key pairs, with fp32 CPU tensors, contiguous rows, a dense
-    mask or none, and nothing to differentiate: ``fusionlm::decode_attention``."""
+    ``KERNEL_MAX_SCORES`` query-key pairs, with fp32 CPU queries (keys and values fp32 or
+    fp16), contiguous rows, a dense mask or none, and nothing to differentiate:
+    ``fusionlm::decode_attention``."""
     q_len, kv_len = q.shape[2], k.shape[2]
     if (
         (q_len == 1 or q_len * kv_len <= KERNEL_MAX_SCORES)
@@ -57,7 +58,9 @@ def decode_kernel_serves(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | 
     ``sdpa_cpu_attention``)."""
     tensors = (q, k, v)
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        all(t.device.type == "cpu" for t in tensors)
+        and q.dtype == torch.float32
+        and k.dtype == v.dtype in (torch.float32, torch.float16)
         and all(t.stride(-1) == 1 for t in tensors)
         and (mask is None or isinstance(mask, Tensor))
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

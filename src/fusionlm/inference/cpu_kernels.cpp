@@ -32,7 +32,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define FUSIONLM_AVX2 1
 #endif
 
@@ -76,9 +76,13 @@ inline void prefetch(const void* p) {
 // The fp32 and bf16 weights' element access: as is, or widened from bf16.
 inline float to_float(float value) { return value; }
 inline float to_float(uint16_t bf16) { return bf16_to_float(bf16); }
+inline float to_float(at::Half half) { return static_cast<float>(half); }
 #ifdef FUSIONLM_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) { return load_bf16(p); }
+inline __m256 load8(const at::Half* p) {  // 8 fp16 -> 8 fp32
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 #endif
 
 // Rows of x share each weight load in blocks of kBlockRows (AVX-512's 32 vector registers
@@ -564,9 +568,9 @@ float exp_shifted(float* w, int64_t n, float top) {
 // out[h][0, d) = sum over i < n of weight[h * n + i] * values[slot[i] * stride + (0, d)], for
 // the G heads h < G that share these values: each value row is read once for all of them, and
 // every head's sums run in slot order, as they would for that head alone.
-template <int G>
+template <int G, typename Value>
 void weighted_sums(float* const* out, const float* weight, const int64_t* slot, int64_t n,
-                   const float* values, int64_t stride, int64_t d) {
+                   const Value* values, int64_t stride, int64_t d) {
   int64_t t = 0;
 #ifdef FUSIONLM_AVX2
   for (; t + 32 <= d; t += 32) {  // 32 channels of every head in registers, one pass
@@ -575,9 +579,9 @@ void weighted_sums(float* const* out, const float* weight, const int64_t* slot, 
       for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_setzero_ps();
     }
     for (int64_t i = 0; i < n; ++i) {
-      const float* row = values + slot[i] * stride + t;
-      const __m256 v0 = _mm256_loadu_ps(row), v1 = _mm256_loadu_ps(row + 8);
-      const __m256 v2 = _mm256_loadu_ps(row + 16), v3 = _mm256_loadu_ps(row + 24);
+      const Value* row = values + slot[i] * stride + t;
+      const __m256 v0 = load8(row), v1 = load8(row + 8);
+      const __m256 v2 = load8(row + 16), v3 = load8(row + 24);
       for (int h = 0; h < G; ++h) {
         const __m256 p = _mm256_set1_ps(weight[h * n + i]);
         acc[h][0] = _mm256_fmadd_ps(p, v0, acc[h][0]);
@@ -594,7 +598,9 @@ void weighted_sums(float* const* out, const float* weight, const int64_t* slot, 
   for (; t < d; ++t) {
     for (int h = 0; h < G; ++h) {
       float total = 0.0f;
-      for (int64_t i = 0; i < n; ++i) total += weight[h * n + i] * values[slot[i] * stride + t];
+      for (int64_t i = 0; i < n; ++i) {
+        total += weight[h * n + i] * to_float(values[slot[i] * stride + t]);
+      }
       out[h][t] = total;
     }
   }
@@ -604,15 +610,16 @@ void weighted_sums(float* const* out, const float* weight, const int64_t* slot, 
 // heads h < g that share one key/value head; `weight` holds g * n floats. Keys and values are
 // read once for the group (in blocks of up to 3 heads, what the registers hold), and each
 // head's result is the one it gets alone.
-void attend_heads(const float* const* queries, int64_t g, const float* keys, int64_t k_slot,
-                  const float* values, int64_t v_slot, const int64_t* slot, int64_t n,
+template <typename KV>
+void attend_heads(const float* const* queries, int64_t g, const KV* keys, int64_t k_slot,
+                  const KV* values, int64_t v_slot, const int64_t* slot, int64_t n,
                   int64_t d, float factor, float* weight, float* const* out) {
   if (n == 0) {  // no key to attend to
     for (int64_t h = 0; h < g; ++h) std::fill(out[h], out[h] + d, 0.0f);
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
-    const float* key = keys + slot[i] * k_slot;
+    const KV* key = keys + slot[i] * k_slot;
     for (int64_t h = 0; h < g; ++h) weight[h * n + i] = dot(queries[h], key, d) * factor;
   }
   for (int64_t h = 0; h < g; ++h) {
@@ -869,9 +876,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t h_kv = k.size(1), s = k.size(2);
   TORCH_CHECK(k.size(0) == b && k.size(3) == d && h % h_kv == 0,
               "k and v [b, h_kv, s, d] do not fit q ", q.sizes(), ": got ", k.sizes());
+  const bool half = k.scalar_type() == at::kHalf;
+  TORCH_CHECK(q.scalar_type() == at::kFloat && v.scalar_type() == k.scalar_type() &&
+                  (half || k.scalar_type() == at::kFloat),
+              "q must be float32, and k and v both float32 or both float16; got ",
+              q.scalar_type(), ", ", k.scalar_type(), " and ", v.scalar_type());
   for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(3) == 1,
-                "q, k and v must be float32 with contiguous rows");
+    TORCH_CHECK(t->stride(3) == 1, "q, k and v must have contiguous rows");
   }
   // The mask's strides over [b, h, s_q, s], 0 along a dimension it broadcasts (no copy).
   const bool* mp = nullptr;
@@ -891,8 +902,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   }
   auto out = at::empty({b, h, queries, d}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const void* kp = k.data_ptr();  // float or at::Half: strides count elements either way
+  const void* vp = v.data_ptr();
   float* op = out.data_ptr<float>();
   // Strides as plain integers: Tensor::stride() is a call, too slow for the inner loops.
   const int64_t q_row = q.stride(0), q_head = q.stride(1), q_query = q.stride(2);
@@ -946,9 +957,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
           if (!allow || allow[j * m_slot]) slot[n++] = j;
         }
       }
-      attend_heads(inputs.data(), heads, kp + row * k_row + kv_head * k_head, k_slot,
-                   vp + row * v_row + kv_head * v_head, v_slot, slots, n, d, factor,
-                   weight.data(), results.data());
+      const int64_t k_at = row * k_row + kv_head * k_head, v_at = row * v_row + kv_head * v_head;
+      if (half) {
+        attend_heads(inputs.data(), heads, static_cast<const at::Half*>(kp) + k_at, k_slot,
+                     static_cast<const at::Half*>(vp) + v_at, v_slot, slots, n, d, factor,
+                     weight.data(), results.data());
+      } else {
+        attend_heads(inputs.data(), heads, static_cast<const float*>(kp) + k_at, k_slot,
+                     static_cast<const float*>(vp) + v_at, v_slot, slots, n, d, factor,
+                     weight.data(), results.data());
+      }
     }
   });
   return out;
@@ -976,8 +994,8 @@ TORCH_LIBRARY(fusionlm, m) {
   m.def("linear_tiled(Tensor x, Tensor weight, Tensor scale, Tensor? offset) -> Tensor");
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("use_isa(str isa) -> str", &use_isa);
-  // q [b, h, s_q, d], k and v [b, h_kv, s, d], mask None or bool [1 or b, 1 or h, 1 or s_q, s]
-  // (True = may attend) -> [b, h, s_q, d], all fp32
+  // q [b, h, s_q, d] fp32, k and v [b, h_kv, s, d] fp32 or fp16, mask None or bool [1 or b,
+  // 1 or h, 1 or s_q, s] (True = may attend) -> [b, h, s_q, d] fp32
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 

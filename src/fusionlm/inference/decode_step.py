@@ -109,9 +109,16 @@ class _StepGraph(nn.Module):
         return forward_step(self.model, tokens, mask=mask, input_pos=input_pos)
 
 
-def step_key(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> str:
-    """The name of ``model``'s decode step at this batch size and cache length (see the
-    module doc for what it covers). Caches set up on the model or not, the key is the same."""
+def step_key(
+    model: TransformerDecoder,
+    *,
+    batch_size: int,
+    cache_len: int,
+    cache_dtype: torch.dtype | None = None,
+) -> str:
+    """The name of ``model``'s decode step at this batch size, cache length and cache dtype
+    (None: the model's; see the module doc for what it covers). Caches set up on the model or
+    not, the key is the same."""
     modules = []
     for name, module in model.named_modules():
         if isinstance(module, KVCache):
@@ -135,7 +142,7 @@ def step_key(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> s
         "tensors": tensors,
         "batch_size": batch_size,
         "cache_len": cache_len,
-        "cache_dtype": str(model.dtype),
+        "cache_dtype": str(cache_dtype or model.dtype),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": sys.version_info[:2],
@@ -168,10 +175,11 @@ def compile_decode_step(
     *,
     batch_size: int = 1,
     cache_len: int = 256,
+    cache_dtype: torch.dtype | None = None,
     directory: Path | None = None,
 ) -> Path:
-    """Build ``model``'s decode step for this batch size and cache length, unless it is
-    stored already; returns the package's path. Says on stderr what it compiles and how
+    """Build ``model``'s decode step for this batch size, cache length and KV cache dtype
+    (None: the model's), unless it is stored already; returns the package's path. Says on stderr what it compiles and how
     long it took (tens of seconds on two cores).
 
     Raises:
@@ -185,22 +193,34 @@ def compile_decode_step(
         )
     if not 1 <= cache_len <= model.max_seq_len:
         raise InvalidInputError(f"cache_len must be in [1, {model.max_seq_len}], got {cache_len}")
-    key, path = _locate(model, batch_size=batch_size, cache_len=cache_len, directory=directory)
-    _build_unless_stored(model, key=key, path=path, batch_size=batch_size, cache_len=cache_len)
+    shape = {"batch_size": batch_size, "cache_len": cache_len, "cache_dtype": cache_dtype}
+    key, path = _locate(model, **shape, directory=directory)
+    _build_unless_stored(model, key=key, path=path, **shape)
     return path
 
 
 def _locate(
-    model: TransformerDecoder, *, batch_size: int, cache_len: int, directory: Path | None = None
+    model: TransformerDecoder,
+    *,
+    batch_size: int,
+    cache_len: int,
+    cache_dtype: torch.dtype | None = None,
+    directory: Path | None = None,
 ) -> tuple[str, Path]:
     """``model``'s step key for these settings and the package's path under ``directory``
     (default ``cache_dir()``)."""
-    key = step_key(model, batch_size=batch_size, cache_len=cache_len)
+    key = step_key(model, batch_size=batch_size, cache_len=cache_len, cache_dtype=cache_dtype)
     return key, (directory or cache_dir()) / f"{key}.pt2"
 
 
 def _build_unless_stored(
-    model: TransformerDecoder, *, key: str, path: Path, batch_size: int, cache_len: int
+    model: TransformerDecoder,
+    *,
+    key: str,
+    path: Path,
+    batch_size: int,
+    cache_len: int,
+    cache_dtype: torch.dtype | None = None,
 ) -> None:
     """Build the step named ``key`` into ``path`` unless a loadable one is there (perhaps
     just built by another process), saying on stderr what it compiles and how long it took."""
@@ -216,7 +236,14 @@ def _build_unless_stored(
             flush=True,
         )
         started = time.perf_counter()
-        _build(model, key=key, path=path, batch_size=batch_size, cache_len=cache_len)
+        _build(
+            model,
+            key=key,
+            path=path,
+            batch_size=batch_size,
+            cache_len=cache_len,
+            cache_dtype=cache_dtype,
+        )
         path.with_suffix(".log").unlink(missing_ok=True)  # a failed background build's log
         print(
             f"fusionlm: compiled the decode step in {time.perf_counter() - started:.1f} s",
@@ -250,15 +277,25 @@ def build_in_progress(path: Path) -> bool:
 
 
 def _build(
-    model: TransformerDecoder, *, key: str, path: Path, batch_size: int, cache_len: int
+    model: TransformerDecoder,
+    *,
+    key: str,
+    path: Path,
+    batch_size: int,
+    cache_len: int,
+    cache_dtype: torch.dtype | None,
 ) -> None:
     from torch._inductor import aoti_compile_and_package
 
     load_kernels()
-    dtype = model.dtype
     had_caches = model.caches_are_setup()
     if not had_caches:
-        model.setup_caches(batch_size, dtype, decoder_max_seq_len=cache_len, fixed_shape=True)
+        model.setup_caches(
+            batch_size,
+            cache_dtype or model.dtype,
+            decoder_max_seq_len=cache_len,
+            fixed_shape=True,
+        )
     try:
         example = (
             torch.zeros(batch_size, 1, dtype=torch.long),
@@ -340,9 +377,15 @@ def _load_package(path: str, mtime_ns: int, key: str) -> _LoadedStep:
     return _LoadedStep(loader)
 
 
-def stored_step_path(model: TransformerDecoder, *, batch_size: int, cache_len: int) -> Path:
+def stored_step_path(
+    model: TransformerDecoder,
+    *,
+    batch_size: int,
+    cache_len: int,
+    cache_dtype: torch.dtype | None = None,
+) -> Path:
     """Where ``model``'s decode step for these settings is stored (or would be)."""
-    return _locate(model, batch_size=batch_size, cache_len=cache_len)[1]
+    return _locate(model, batch_size=batch_size, cache_len=cache_len, cache_dtype=cache_dtype)[1]
 
 
 def _bind(step: _LoadedStep, model: TransformerDecoder) -> None:
@@ -409,13 +452,15 @@ class DecodeStep:
         caches = [m for m in model.modules() if isinstance(m, KVCache)]
         if compile is False or type(model) is not TransformerDecoder or not caches:
             return
-        batch_size, cache_len = caches[0].batch_size, caches[0].max_seq_len
-        key, path = _locate(model, batch_size=batch_size, cache_len=cache_len)
+        shape = {
+            "batch_size": caches[0].batch_size,
+            "cache_len": caches[0].max_seq_len,
+            "cache_dtype": caches[0].k_cache.dtype,
+        }
+        key, path = _locate(model, **shape)
         try:
             if compile is True:
-                _build_unless_stored(
-                    model, key=key, path=path, batch_size=batch_size, cache_len=cache_len
-                )
+                _build_unless_stored(model, key=key, path=path, **shape)
             step = _stored_loader(path, key)
             if step is None:
                 return

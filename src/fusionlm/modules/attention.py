@@ -76,6 +76,11 @@ def get_attention_backend(name: str) -> AttentionBackend:
         ) from None
 
 
+def _in_query_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values in the queries' dtype: a cache may store them narrower (fp16)."""
+    return k.to(q.dtype), v.to(q.dtype)
+
+
 @register_attention_backend("eager")
 def eager_attention(
     q: Tensor,
@@ -91,6 +96,7 @@ def eager_attention(
 
     Query heads are grouped onto their key/value head by a view, never by copying keys.
     """
+    k, v = _in_query_dtype(q, k, v)
     b, h, s_q, d = q.shape
     h_kv, s_kv = k.shape[1], k.shape[2]
     q = q.view(b, h_kv, h // h_kv, s_q, d)
@@ -128,6 +134,7 @@ def sdpa_attention(
     """
     if q.shape[2] == 1 and dropout == 0.0:
         return eager_attention(q, k, v, mask=mask, is_causal=False, scale=scale, dropout=0.0)
+    k, v = _in_query_dtype(q, k, v)
     return F.scaled_dot_product_attention(
         q,
         k,
@@ -163,6 +170,7 @@ def flex_attention_backend(
             causal(), batch_size=None, q_len=q.shape[2], kv_len=k.shape[2], device=q.device
         )
     block_mask = None if mask is None else as_block_mask(mask)
+    k, v = _in_query_dtype(q, k, v)
     return flex_attention(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

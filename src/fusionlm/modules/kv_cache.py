@@ -105,8 +105,8 @@ class KVCache(nn.Module):
             rows = torch.arange(b, device=k.device)[:, None]
             # Indexing writes in place, also in a compiled step (a scatter would be
             # functionalized into a copy of the whole cache per layer and step).
-            self.k_cache[rows, :, slots] = k.transpose(1, 2)
-            self.v_cache[rows, :, slots] = v.transpose(1, 2)
+            self.k_cache[rows, :, slots] = k.transpose(1, 2).to(self.k_cache.dtype)
+            self.v_cache[rows, :, slots] = v.transpose(1, 2).to(self.v_cache.dtype)
             self.next_slot.add_(s)
             return self.k_cache, self.v_cache
         end = self._size + s

@@ -158,8 +158,10 @@ class Engine:
     ``compile`` picks the decode step as in ``generate`` (``True``: build it if it is not
     stored); ``build_step(slots, ctx)``, when given, builds a missing step in another process
     first, so this one never holds the compiler's memory (~1.2 GB for the default model, kept
-    for the process's life); should that fail, the step is built here. ``max_queue`` bounds
-    the requests waiting for a row.
+    for the process's life); should that fail, the step is built here. ``cache_dtype``: the
+    KV cache's (None: the model's; float16 halves its memory, and the attention's reads at
+    long contexts, for keys and values rounded to fp16). ``max_queue`` bounds the requests
+    waiting for a row.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class Engine:
         max_queue: int,
         compile: CompileMode = True,
         build_step: Callable[[int, int], None] | None = None,
+        cache_dtype: torch.dtype | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         metrics: ServerMetrics | None = None,
     ) -> None:
@@ -185,6 +188,7 @@ class Engine:
         self.max_queue = max_queue
         self.compile = compile
         self.build_step = build_step
+        self.cache_dtype = cache_dtype
         self.prefill_chunk = prefill_chunk
         self.metrics = metrics
         self.ready = threading.Event()
@@ -284,7 +288,7 @@ class Engine:
         self.model = model
         model.setup_caches(
             self.slots,
-            model.dtype,
+            self.cache_dtype or model.dtype,
             decoder_max_seq_len=self.ctx,
             fixed_shape=True,
         )
@@ -310,7 +314,10 @@ class Engine:
         """Have ``build_step`` build the compiled step if it is missing (see ``Engine``)."""
         if self.compile is not True or self.build_step is None:
             return
-        if not stored_step_path(model, batch_size=self.slots, cache_len=self.ctx).is_file():
+        step = stored_step_path(
+            model, batch_size=self.slots, cache_len=self.ctx, cache_dtype=self.cache_dtype
+        )
+        if not step.is_file():
             self.build_step(self.slots, self.ctx)
 
     def _iterate(self) -> bool:

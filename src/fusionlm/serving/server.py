@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
 import uvicorn
 
 from fusionlm.generation import PREFILL_CHUNK
@@ -38,11 +39,12 @@ def serve(
     drain_timeout: float = 30.0,
     compile: CompileMode = True,
     build_step: Callable[[int, int], None] | None = None,
+    cache_dtype: torch.dtype | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
 ) -> None:
     """Serve until SIGTERM or Ctrl-C. ``load`` makes the model on the engine thread (the
     server answers ``/health`` with 503 meanwhile); ``build_step`` builds a missing decode
-    step in another process (see ``Engine``).
+    step in another process, ``cache_dtype`` is the KV cache's (see ``Engine``).
 
     Raises:
         whatever ``load`` or setting up the decode step raised: the server cannot serve.
@@ -55,6 +57,7 @@ def serve(
         max_queue=max_queue,
         compile=compile,
         build_step=build_step,
+        cache_dtype=cache_dtype,
         prefill_chunk=prefill_chunk,
         metrics=metrics,
     )
