@@ -2,7 +2,7 @@
 
     make peers                      # builds .venv/bin/llama-server from llama.cpp's sources, once
     .venv/bin/python benchmarks/serve_load.py [--modes fp32 int8 int4] [--concurrency 1 4 8]
-        [--rounds 1] [--json results.json] [--only fusionlm|llama-server]
+        [--rounds 1] [--json results.json] [--only fusionlm|llama-server] [--kv-cache-dtype float16]
 
 Both servers speak the OpenAI API on 127.0.0.1, with the same weights and precision, threads,
 slots and context per slot. fp32: ``fusionlm serve`` with the default model (SmolLM2-135M-Instruct,
@@ -150,6 +150,7 @@ def server_command(server: str, mode: str, port: int, args: argparse.Namespace) 
             sys.executable, "-m", "fusionlm", "serve", *MODES[mode][0],
             "--threads", str(args.threads), "--slots", str(args.slots), "--ctx", str(args.ctx),
             "--host", "127.0.0.1", "--port", str(port),
+            *([] if args.kv_cache_dtype is None else ["--kv-cache-dtype", args.kv_cache_dtype]),
         ]  # fmt: skip
     return [
         str(args.llama_server), "-m", str(llama_cpp_file(MODES[mode][1])),
@@ -614,6 +615,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--ctx", type=int, default=2048, help="tokens per slot")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("float32", "float16"),
+        help="fusionlm serve's KV cache (default: the model's dtype; llama-server's is float16)",
+    )
     parser.add_argument("--json", type=Path, help="write settings, requests and figures here")
     parser.add_argument("--only", choices=SERVERS, help="run one server of each pair")
     parser.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
@@ -655,7 +661,8 @@ def main() -> None:
     print(
         f"{date.today()}, {cpu}, default model {default_gguf().name}; {args.threads} threads, "
         f"{args.slots} slots x {args.ctx} tokens; {args.requests} requests of {args.max_tokens} "
-        f"tokens per concurrency; {args.rounds} round(s), medians.\n"
+        f"tokens per concurrency; {args.rounds} round(s), medians"
+        f"{'' if args.kv_cache_dtype is None else f'; fusionlm KV cache {args.kv_cache_dtype}'}.\n"
     )
     print("\n\n".join(output))
 
