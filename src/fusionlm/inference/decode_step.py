@@ -179,8 +179,8 @@ def compile_decode_step(
     directory: Path | None = None,
 ) -> Path:
     """Build ``model``'s decode step for this batch size, cache length and KV cache dtype
-    (None: the model's), unless it is stored already; returns the package's path. Says on stderr what it compiles and how
-    long it took (tens of seconds on two cores).
+    (None: the model's), unless it is stored already; returns the package's path. Says on
+    stderr what it compiles and how long it took (tens of seconds on two cores).
 
     Raises:
         TypeError: not a ``TransformerDecoder`` (fusion models decode eagerly).
