@@ -912,10 +912,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t group = h / h_kv;
   const float factor = static_cast<float>(scale);
   // A mask shared by the heads is read once per (row, query), not once per head: the slots
-  // each may read, in order (a fixed-length cache's mask is mostly unfilled slots).
+  // each may read, in order (a fixed-length cache's mask is mostly unfilled slots). No mask:
+  // every slot, for every (row, query).
   std::vector<std::vector<int64_t>> query_slots;
   const int64_t mask_rows = m_row == 0 ? 1 : b, mask_queries = m_query == 0 ? 1 : queries;
-  if (mp != nullptr && m_head == 0) {
+  if (mp == nullptr) {
+    query_slots.assign(1, std::vector<int64_t>(s));
+    std::iota(query_slots[0].begin(), query_slots[0].end(), 0);
+  } else if (m_head == 0) {
     query_slots.resize(mask_rows * mask_queries);
     at::parallel_for(0, query_slots.size(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -927,13 +931,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   // A task attends one query of `heads` heads of a row that share a key/value head and the
   // slots they read: the whole group while there are tasks enough for every thread, else one
   // head (a batch of one row has few groups). The numbers are the same either way.
-  const bool same_slots = mp == nullptr || m_head == 0;
+  const bool same_slots = !query_slots.empty();
   const int64_t heads =
       same_slots && b * h_kv * queries >= 4 * at::get_num_threads() ? group : 1;
   const int64_t head_tasks = h / heads;
   at::parallel_for(0, b * queries * head_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weight(heads * s);
-    std::vector<int64_t> slot(s);
+    std::vector<int64_t> head_slots;  // a per-head mask's
     std::vector<const float*> inputs(heads);
     std::vector<float*> results(heads);
     for (int64_t task = begin; task < end; ++task) {
@@ -944,19 +948,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         inputs[i] = qp + row * q_row + (first + i) * q_head + query * q_query;
         results[i] = op + ((row * h + first + i) * queries + query) * d;
       }
-      const int64_t* slots = slot.data();
-      int64_t n = 0;
-      if (!query_slots.empty()) {
-        const auto& allowed =
-            query_slots[(m_row == 0 ? 0 : row) * mask_queries + (m_query == 0 ? 0 : query)];
-        slots = allowed.data();
-        n = static_cast<int64_t>(allowed.size());
+      const std::vector<int64_t>* allowed = &head_slots;
+      if (same_slots) {
+        allowed = &query_slots[(m_row == 0 ? 0 : row) * mask_queries + (m_query == 0 ? 0 : query)];
       } else {
-        const bool* allow = mp ? mp + row * m_row + first * m_head + query * m_query : nullptr;
-        for (int64_t j = 0; j < s; ++j) {
-          if (!allow || allow[j * m_slot]) slot[n++] = j;
-        }
+        head_slots.clear();
+        allowed_slots(mp + row * m_row + first * m_head + query * m_query, s, m_slot, head_slots);
       }
+      const int64_t* slots = allowed->data();
+      const auto n = static_cast<int64_t>(allowed->size());
       const int64_t k_at = row * k_row + kv_head * k_head, v_at = row * v_row + kv_head * v_head;
       if (half) {
         attend_heads(inputs.data(), heads, static_cast<const at::Half*>(kp) + k_at, k_slot,
