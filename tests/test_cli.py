@@ -285,6 +285,14 @@ def test_a_server_builds_its_missing_step_with_fusionlm_compile(capsys, monkeypa
     )
 
 
+@pytest.mark.parametrize("command", ["serve", "compile"])
+def test_an_unknown_kv_cache_dtype_is_refused(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--kv-cache-dtype", "bfloat16"])
+    assert exit_info.value.code == 2
+    assert "argument --kv-cache-dtype: invalid choice: 'bfloat16'" in capsys.readouterr().err
+
+
 def test_a_failed_background_build_is_not_started_again(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("FUSIONLM_CACHE_DIR", str(empty_cache(tmp_path)))
     monkeypatch.setenv("FUSIONLM_BACKGROUND_COMPILE", "1")
