@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import weakref
+import zipfile
 
 import pytest
 import torch
@@ -99,6 +100,17 @@ def test_a_compiled_step_gives_the_same_logits_on_one_thread(monkeypatch):
     monkeypatch.setattr(ThreadPlanner, "next_threads", lambda self: 1)
     one = step_logits(decoder, PROMPTS[0], continuation, compile=True)
     assert torch.equal(one, two)
+
+
+def test_a_compiled_steps_own_kernels_run_on_one_thread():
+    """Inductor's kernels (norms, rope, cache writes) stay on the calling thread: at its
+    default it runs a 32-row step's in OpenMP regions, and may split a norm's sum across
+    threads, whose result would then change with the thread count the planner picks."""
+    path = decode_step.compile_decode_step(model(), batch_size=32, cache_len=64)
+    with zipfile.ZipFile(path) as package:
+        (kernels,) = [name for name in package.namelist() if name.endswith(".kernel.cpp")]
+        source = package.read(kernels).decode()
+    assert "cpp_fused" in source and "omp parallel" not in source
 
 
 def test_a_compiled_step_runs_as_a_dispatcher_op():

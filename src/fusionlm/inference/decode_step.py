@@ -18,7 +18,7 @@ package too and checked on load, so a renamed, foreign or truncated file is remo
 rebuilt), never run. Builds write to a temporary name and rename it into place, under a
 file lock, so concurrent processes neither corrupt nor duplicate each other's work.
 
-Two compile settings, each measured on the default model:
+Three compile settings, each measured on the default model:
 
 - fp32 matmuls with at most ``MATVEC_MAX_ROWS`` rows become ``fusionlm::linear_f32``, the
   streaming kernel of ``cpu_kernels`` (weight-only bf16, int8 and int4 layers call theirs
@@ -26,7 +26,11 @@ Two compile settings, each measured on the default model:
   (``StreamingMatvecs``, a post-grad graph pass);
 - no constant folding of uniform buffers (``joint_graph_constant_folding``): a KV cache's
   write position is a zero-filled buffer when the graph is traced, and folding it would
-  bake "slot 0" into every step.
+  bake "slot 0" into every step;
+- inductor's own kernels (norms, rope, cache writes, activations) run on one thread
+  (``SERIAL_CHUNK``): each does a few thousand values, less than waking the other threads
+  costs, and a norm it splits across threads sums in an order that depends on their count,
+  which ``ThreadPlanner`` changes from step to step.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ if TYPE_CHECKING:
 
 STEP_FORMAT = 1
 """Bumped when what a stored step takes or returns changes."""
+SERIAL_CHUNK = 1 << 30
+"""Inductor's ``cpp.min_chunk_size`` for a step: elements a thread must get before a loop
+runs in parallel, so large that none does (the matvecs and attention are ``cpu_kernels``'
+own, parallel, ops)."""
 CompileMode = Literal["auto"] | bool
 """``True``: use the stored step, building it first if needed; ``"auto"``: use it if
 stored, else decode eagerly; ``False``: decode eagerly."""
@@ -310,6 +318,7 @@ def _build(
             model.remove_caches()
     options: dict[str, object] = {
         "joint_graph_constant_folding": False,
+        "cpp.min_chunk_size": SERIAL_CHUNK,
         "size_asserts": False,
         "aot_inductor.package_constants_in_so": False,
         "aot_inductor.metadata": {"fusionlm_key": key},
