@@ -14,7 +14,8 @@ after a ``--prompt-len`` prompt, prefill = a ``--prefill-len`` prompt. The weigh
 default model's (SmolLM2-135M-Instruct, shipped as Q4_1): in the int4 mode fusionlm and
 llama.cpp both run the shipped file as stored; in the others fusionlm and transformers
 dequantize it at load and llama.cpp gets F32 / BF16 / Q8_0 files made from it by llama.cpp's
-own quantizer (cached under benchmarks/.cache/).
+own quantizer (cached under benchmarks/.cache/). fusionlm's int8 and w8a8 (whose activations are
+rounded to int8 too, as llama.cpp computes Q8_0) both run against the Q8_0 file.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MODES = {
     "fp32": (["--quant", "none"], "float32", "F32"),
     "bf16": (["--quant", "bf16"], "bfloat16", "BF16"),
     "int8": (["--quant", "int8"], None, "Q8_0"),
+    "w8a8": (["--quant", "w8a8"], None, "Q8_0"),
     "int4": (["--quant", "int4"], None, "Q4_1"),
 }
 LLAMA_FTYPES = {"F32": 0, "BF16": 32, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_* values

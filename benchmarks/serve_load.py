@@ -1,13 +1,14 @@
 """`fusionlm serve` against llama.cpp's `llama-server` under load: same weights, one run, ratios.
 
     make peers                      # builds .venv/bin/llama-server from llama.cpp's sources, once
-    .venv/bin/python benchmarks/serve_load.py [--modes fp32 int8 int4] [--concurrency 1 4 8]
+    .venv/bin/python benchmarks/serve_load.py [--modes fp32 int8 w8a8 int4] [--concurrency 1 4 8]
         [--rounds 1] [--json results.json] [--only fusionlm|llama-server] [--kv-cache-dtype float16]
 
 Both servers speak the OpenAI API on 127.0.0.1, with the same weights and precision, threads,
 slots and context per slot. fp32: ``fusionlm serve`` with the default model (SmolLM2-135M-Instruct,
 its Q4_1 GGUF dequantized to fp32) against llama-server on the F32 file ``compare.py`` makes
-from the same weights; int8: ``fusionlm serve --quant int8`` against the Q8_0 file; int4:
+from the same weights; int8: ``fusionlm serve --quant int8`` against the Q8_0 file; w8a8:
+``--quant w8a8`` (int8 activations too, as llama.cpp computes Q8_0) against it as well; int4:
 ``--quant int4`` against the shipped Q4_1 file, both running its blocks as stored. llama-server
 gets ``-np SLOTS -c SLOTS*CTX`` (a KV cache of CTX tokens per slot) and ``--cache-ram 0`` (its
 host-memory prompt cache copies slot states whenever a slot changes hands, and adds to its
@@ -68,6 +69,7 @@ SERVERS = ("fusionlm", "llama-server")
 MODES = {
     "fp32": (["--quant", "none"], "F32"),
     "int8": (["--quant", "int8"], "Q8_0"),
+    "w8a8": (["--quant", "w8a8"], "Q8_0"),
     "int4": (["--quant", "int4"], "Q4_1"),
 }
 LLAMA_SERVER = Path(sys.executable).parent / "llama-server"  # where `make peers` puts it

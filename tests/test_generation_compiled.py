@@ -170,7 +170,7 @@ def test_token_loops_reuse_the_caches_their_step_is_bound_to(step_cache, monkeyp
     assert sum(ref() is not None for ref in created) == len(decoder.layers)
 
 
-@pytest.mark.parametrize("format", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("format", ["bf16", "int8", "int4", "w8a8"])
 def test_compiled_weight_only_steps_equal_eager(format):
     """The kernels are custom ops, opaque to inductor: the compiled step runs the same
     kernels in fp32, so its logits equal eager's up to the order of inductor's fused fp32

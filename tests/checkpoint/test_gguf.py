@@ -24,6 +24,7 @@ from fusionlm.checkpoint.gguf import (
 )
 from fusionlm.checkpoint.keys import GGUF_LLAMA_KEYS
 from fusionlm.generation import generate
+from fusionlm.inference.int8_activations import W8A8Linear
 from fusionlm.inference.quantize import WeightOnlyLinear, linear_weights_in_format, quantize
 from fusionlm.loading import assign_weights, describe, load_model
 from fusionlm.models.llama import llama
@@ -576,7 +577,7 @@ def test_unmappable_rope_freqs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "int4", "w8a8"])
 def test_weight_only_load_converts_tensor_by_tensor_to_the_quantized_model(
     tmp_path: Path, quant: str, tied: bool
 ) -> None:
@@ -592,7 +593,9 @@ def test_weight_only_load_converts_tensor_by_tensor_to_the_quantized_model(
 
     checkpoint = read_gguf(path, dtype=torch.float32, convert=convert)
     assert sorted(read) == sorted(read_gguf(path, dtype=torch.float32).state_dict)
-    dtype = {"int8": torch.int8, "bf16": torch.bfloat16, "int4": torch.uint8}[quant]
+    dtype = {"int8": torch.int8, "bf16": torch.bfloat16, "int4": torch.uint8, "w8a8": torch.int8}[
+        quant
+    ]
     assert checkpoint.state_dict["layers.0.attn.q_proj.weight"].dtype == dtype
     assert checkpoint.state_dict["tok_embeddings.table.weight"].dtype == dtype
     expected = quantize(load_model(path), quant).state_dict()
@@ -693,3 +696,23 @@ def test_auto_runs_each_tensor_as_stored_and_int4_refuses_a_finer_grid(tmp_path:
         ValueError, match=r"layers\.0\.mlp\.w2\.weight is Q5_0, which int4 does not"
     ):
         load_model(path, quant="int4")
+
+
+def test_a_q8_0_file_loads_as_w8a8_with_its_own_blocks(tmp_path: Path) -> None:
+    """``quant="w8a8"`` keeps a Q8_0 file's blocks (packed): the same int8 values and scales as
+    ``quant="int8"`` in every layer, the tied head included; no second rounding."""
+    hf = make_hf_llama(tmp_path / "m", **SMALL, tie_word_embeddings=True)
+
+    def q8_0(tensors: dict[str, Any]) -> None:
+        for name, tensor in tensors.items():
+            if tensor.ndim == 2:
+                tensors[name] = (gguf.quants.quantize(np.asarray(tensor), Q.Q8_0), Q.Q8_0)
+
+    path = write_gguf(tmp_path / "m.gguf", hf, edit=q8_0)
+    int8, w8a8 = load_model(path, quant="int8"), load_model(path, quant="w8a8")
+    layers = {n: m for n, m in w8a8.named_modules() if isinstance(m, W8A8Linear)}
+    assert "layers.0.attn.q_proj" in layers and w8a8.output is w8a8.tok_embeddings.table
+    for name, module in layers.items():
+        values, scales = module.int8_weight()
+        stored = int8.get_submodule(name)
+        assert torch.equal(values, stored.weight) and torch.equal(scales, stored.scale), name

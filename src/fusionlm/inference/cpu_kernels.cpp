@@ -14,6 +14,8 @@
 // called as torch.ops.fusionlm.linear_f32 / linear_bf16 / linear_int8 / linear_int4 /
 // decode_attention.
 
+#include "cpu_isa.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -158,31 +160,11 @@ float dot(const float* x, const Weight* w, int64_t k_size) {
 // pragmas, whatever -march the build machine has, so each can be tested wherever the CPU runs
 // it.
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
-
-bool cpu_runs(Isa isa) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (isa == Isa::kAvx512) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  }
-  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return true;
-#else
-  return isa == Isa::kScalar;
-#endif
-}
-
-std::atomic<int> forced_isa{-1};  // an Isa, or -1: the best the CPU runs
-
-Isa active_isa() {
-  const int forced = forced_isa.load(std::memory_order_relaxed);
-  if (forced >= 0) return static_cast<Isa>(forced);
-  for (const Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
-    if (cpu_runs(isa)) return isa;
-  }
-  return Isa::kScalar;
-}
+using fusionlm_isa::active_isa;
+using fusionlm_isa::cpu_runs;
+using fusionlm_isa::forced_isa;
+using fusionlm_isa::Isa;
+using fusionlm_isa::kIsaNames;
 
 // An offset as fp32: fp16 ones are held as their raw bits (uint16_t), widened exactly.
 inline float offset_value(float value) { return value; }

@@ -13,9 +13,12 @@ converted in registers, accumulated in fp32:
 - ``torch.ops.fusionlm.linear_int4(x, weights: [n_i, k / 2] uint8, scales, offsets:
   [n_i, k / 32] fp32, offsets fp32 or fp16)``: two 4-bit values a byte (see
   ``quantize.WeightOnlyLinear``), ``w = scale * q + offset`` per group of 32 inputs.
+- ``torch.ops.fusionlm.linear_w8a8(x, weights: [n_i / 16, k / 32, 512] int8, scales:
+  [n_i / 16, k / 32, 16] fp32)``: int8 weights packed by 16 channels, times x rounded to int8
+  per group of 32 inputs, for any number of rows (``w8a8_kernels.cpp``, ``int8_activations``).
 
-The int8 and int4 kernels' AVX-512, AVX2 and portable paths are chosen when called, by what
-the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists them, fastest first, and
+The int8, int4 and w8a8 kernels' AVX-512 (w8a8: with VNNI), AVX2 and portable paths are
+chosen when called, by what the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists them, fastest first, and
 ``torch.ops.fusionlm.use_isa(name or "auto")`` forces one.
 
 Each takes a list of weights that share the input (a layer's q, k and v projections) and
@@ -55,11 +58,14 @@ from torch import Tensor
 from fusionlm.cache import cache_root, cpu_fingerprint
 
 INT8_GROUP_SIZE = 32
+W8A8_CHANNEL_BLOCK = 16
+"""Output channels per packed block of a ``linear_w8a8`` weight."""
 MATVEC_MAX_ROWS = 16
 """Up to this many rows (decoding) the matvec kernels beat a GEMM; more rows (a prompt) run
 in ``linear_tiled`` (int8, int4) or one GEMM (fp32, bf16)."""
 SOURCES = [
     Path(__file__).with_name("cpu_kernels.cpp"),  # and cpu_group_kernels.h, which it includes
+    Path(__file__).with_name("w8a8_kernels.cpp"),  # int8 weights x int8 activations
     Path(__file__).with_name("step_runner.cpp"),  # decode_step's runner of stored steps
 ]
 
@@ -105,6 +111,7 @@ def load_kernels() -> bool:
     torch.library.register_fake("fusionlm::linear_bf16")(_outputs_like)
     torch.library.register_fake("fusionlm::linear_int8")(_outputs_like)
     torch.library.register_fake("fusionlm::linear_int4")(_outputs_like)
+    torch.library.register_fake("fusionlm::linear_w8a8")(_w8a8_outputs_like)
     torch.library.register_fake("fusionlm::decode_attention")(_attention_output_like)
     torch.library.register_fake("fusionlm::dequantize")(_dequantized_like)
     torch.library.register_fake("fusionlm::linear_tiled")(_tiled_output_like)
@@ -136,6 +143,11 @@ def _outputs_like(
     return [x.new_empty(x.shape[0], weight.shape[0]) for weight in weights]
 
 
+def _w8a8_outputs_like(x: Tensor, weights: list[Tensor], scales: list[Tensor]) -> list[Tensor]:
+    """``linear_w8a8``'s outputs for tracing: ``[m, 16 * blocks_i]`` fp32 per packed weight."""
+    return [x.new_empty(x.shape[0], weight.shape[0] * W8A8_CHANNEL_BLOCK) for weight in weights]
+
+
 def _dequantized_like(weight: Tensor, scale: Tensor, offset: Tensor | None) -> Tensor:
     """``dequantize``'s output for tracing: fp32 ``[n, k]``."""
     return scale.new_empty(weight.shape[0], scale.shape[1] * INT8_GROUP_SIZE)
@@ -153,4 +165,4 @@ def _attention_output_like(
     return q.new_empty(q.shape)
 
 
-__all__ = ["INT8_GROUP_SIZE", "MATVEC_MAX_ROWS", "load_kernels"]
+__all__ = ["INT8_GROUP_SIZE", "MATVEC_MAX_ROWS", "W8A8_CHANNEL_BLOCK", "load_kernels"]

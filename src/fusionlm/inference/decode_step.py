@@ -522,6 +522,7 @@ def streaming_matvecs() -> CustomGraphPass:
         fusionlm.linear_bf16.default,
         fusionlm.linear_int8.default,
         fusionlm.linear_int4.default,
+        fusionlm.linear_w8a8.default,
     )
     view_ops = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
@@ -587,8 +588,8 @@ def streaming_matvecs() -> CustomGraphPass:
             """One call in place of ``calls`` (same kernel, same input, in graph order); the
             outputs' readers (``getitem``) read the merged call's outputs instead."""
             first = calls[0]
-            # Per list argument (weights; scales for int8 and int4; offsets for int4), every
-            # call's list, concatenated.
+            # Per list argument (weights; scales for int8, int4 and w8a8; offsets for int4),
+            # every call's list, concatenated.
             lists = [
                 [tensor for call in calls for tensor in call.args[position]]
                 for position in range(1, len(first.args))

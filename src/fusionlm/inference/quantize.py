@@ -1,5 +1,5 @@
 """Weight-only bf16, int8 and int4 linears and embeddings: smaller weights, fp32 math, fast CPU
-decoding."""
+decoding; and w8a8 (``int8_activations``), whose activations are rounded to int8 as well."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from fusionlm.errors import InvalidInputError
 from fusionlm.inference.cpu_kernels import INT8_GROUP_SIZE, MATVEC_MAX_ROWS, load_kernels
+from fusionlm.inference.int8_activations import W8A8Linear, pack_w8a8
 from fusionlm.inference.weight_formats import WEIGHT_FORMATS
 from fusionlm.modules.decoder import TiedLinear
 
@@ -207,7 +208,9 @@ class QuantizedEmbedding(nn.Module):
     ``dtype`` (the model's activations'), dequantizing only the rows it reads. A tied output
     head is the same table."""
 
-    def __init__(self, table: WeightOnlyLinear, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, table: WeightOnlyLinear | W8A8Linear, *, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.table = table
         self.dtype = dtype
@@ -229,7 +232,7 @@ class QuantizedEmbedding(nn.Module):
 def precision(model: nn.Module) -> str:
     """What a model computes with, for people: its float dtype (``"float32"``), or its
     weight-only formats by how many matrices each holds (``"int4 x210, int8 x1 weights"``)."""
-    tables = {id(m): m for m in model.modules() if isinstance(m, WeightOnlyLinear)}
+    tables = {id(m): m for m in model.modules() if isinstance(m, (WeightOnlyLinear, W8A8Linear))}
     counts = collections.Counter(table.format for table in tables.values())
     if not counts:
         return str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -244,6 +247,7 @@ def weight_in_format(weight: Tensor, *, format: str) -> dict[str, Tensor]:
     - ``int8``: symmetric per group of 32 inputs, ``scale = max|w| / 127``.
     - ``int4``: asymmetric per group of 32 inputs, ``offset = min(w)``,
       ``scale = (max(w) - min(w)) / 15`` (as Q4_1).
+    - ``w8a8``: as int8, packed for ``W8A8Linear`` (``pack_w8a8``).
 
     Either way every weight is off by at most half a step of its group.
 
@@ -268,6 +272,8 @@ def weight_in_format(weight: Tensor, *, format: str) -> dict[str, Tensor]:
     if int4:
         stored["offset"] = torch.empty(out_features, groups)
     if device == "meta":
+        if format == "w8a8":
+            stored = pack_w8a8(stored["weight"], stored["scale"])
         return {name: torch.empty_like(t, device="meta") for name, t in stored.items()}
     # In blocks of rows, so the float temporaries stay small beside a large matrix.
     for start in range(0, out_features, QUANTIZE_ROWS):
@@ -284,7 +290,15 @@ def weight_in_format(weight: Tensor, *, format: str) -> dict[str, Tensor]:
             values = (block / scale[..., None]).round_().clamp_(-127, 127)
             stored["weight"][rows] = values.view(-1, in_features).to(torch.int8)
         stored["scale"][rows] = scale
-    return stored
+    return pack_w8a8(stored["weight"], stored["scale"]) if format == "w8a8" else stored
+
+
+def layer_in_format(weight: Tensor, bias: Tensor | None = None, *, format: str) -> nn.Module:
+    """A linear layer computing with ``weight`` stored in ``format``: a ``W8A8Linear`` for
+    w8a8, else a ``WeightOnlyLinear`` (see ``weight_in_format``)."""
+    if format == "w8a8":
+        return W8A8Linear(**weight_in_format(weight, format=format), bias=bias)
+    return WeightOnlyLinear.from_float(weight, bias, format=format)
 
 
 def linear_weights_in_format(name: str, tensor: Tensor, *, format: str) -> dict[str, Tensor]:
@@ -309,7 +323,8 @@ def stored_prefix(name: str) -> str:
 
 def quantize(model: nn.Module, format: str) -> nn.Module:
     """Store every ``nn.Linear`` and the token embedding in ``format`` (``"bf16"``,
-    ``"int8"`` or ``"int4"``), in place: linears become ``WeightOnlyLinear``s; a decoder's
+    ``"int8"``, ``"int4"`` or ``"w8a8"``), in place: linears become ``WeightOnlyLinear``s
+    (``W8A8Linear``s for w8a8); a decoder's
     ``tok_embeddings`` (an ``nn.Embedding``) becomes a ``QuantizedEmbedding``, and a tied
     output head the same table.
 
@@ -317,14 +332,14 @@ def quantize(model: nn.Module, format: str) -> nn.Module:
         ``model``.
 
     Raises:
-        ValueError: an unknown format, or (int8, int4) a layer whose input width is not a
-            multiple of 32.
+        ValueError: an unknown format, or (int8, int4, w8a8) a layer whose input width is not
+            a multiple of 32 (w8a8: or whose output width is not one of 16).
     """
     if format not in WEIGHT_FORMATS:
         raise InvalidInputError(f"unknown weight format {format!r}; choose one of {WEIGHT_FORMATS}")
     return _replace_weights(
         model,
-        lambda name, weight, bias: WeightOnlyLinear.from_float(weight, bias, format=format),
+        lambda name, weight, bias: layer_in_format(weight, bias, format=format),
         dtype=None,
     )
 
@@ -353,7 +368,8 @@ def weight_only_structure(
             for key in ("weight", "scale", "offset")
             if prefix + key in state_dict
         }
-        return WeightOnlyLinear(**buffers, bias=bias)
+        packed = buffers["weight"].dim() == 3  # see pack_w8a8
+        return (W8A8Linear if packed else WeightOnlyLinear)(**buffers, bias=bias)
 
     _replace_weights(model, stored, dtype=dtype)
     aliases = {}
@@ -399,7 +415,9 @@ __all__ = [
     "GROUP_SIZE",
     "WEIGHT_FORMATS",
     "QuantizedEmbedding",
+    "W8A8Linear",
     "WeightOnlyLinear",
+    "layer_in_format",
     "linear_weights_in_format",
     "pack_int4",
     "precision",
