@@ -174,8 +174,8 @@ def _weight_only_tensor(
 
     A weight whose blocks a kernel computes with as stored keeps them (Q4_0, Q4_1 and Q4_K as
     int4, Q8_0 as int8, BF16 as bf16), where ``quant`` allows: ``"auto"`` all of them, int4
-    the int4 and int8 ones, int8 and bf16 their own, w8a8 the int8 ones (packed). Otherwise ``"auto"`` dequantizes the
-    tensor to ``dtype`` (fp32: the file's weights exactly), and the others convert it to
+    the int4 and int8 ones, int8 and bf16 their own, w8a8 the int8 ones (packed). Otherwise
+    ``"auto"`` dequantizes the tensor to ``dtype`` (fp32: the file's weights exactly), and the others convert it to
     ``quant``, except that int4 refuses a finer grid (Q5_*, Q6_K, Q2_K, Q3_K), which it would
     round a second time.
 

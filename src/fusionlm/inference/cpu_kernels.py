@@ -18,8 +18,8 @@ converted in registers, accumulated in fp32:
   per group of 32 inputs, for any number of rows (``w8a8_kernels.cpp``, ``int8_activations``).
 
 The int8, int4 and w8a8 kernels' AVX-512 (w8a8: with VNNI), AVX2 and portable paths are
-chosen when called, by what the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists them, fastest first, and
-``torch.ops.fusionlm.use_isa(name or "auto")`` forces one.
+chosen when called, by what the CPU runs: ``torch.ops.fusionlm.cpu_isas()`` lists them,
+fastest first, and ``torch.ops.fusionlm.use_isa(name or "auto")`` forces one.
 
 Each takes a list of weights that share the input (a layer's q, k and v projections) and
 returns one output per weight, computed in one parallel pass over all their rows.

@@ -115,9 +115,8 @@ class W8A8Linear(nn.Module):
     def dequantize(self, rows: Tensor | slice | None = None) -> Tensor:
         """The fp32 weight ``[out, in]`` (or only ``rows``: ``[len(rows), in]``).
 
-        With the kernels, through ``fusionlm::dequantize``: a compiled step then cannot fuse
-        an embedding lookup into the norm after it, where inductor splits the norm's sum
-        across threads (its result would change with the thread count)."""
+        With the kernels, through ``fusionlm::dequantize``, as ``WeightOnlyLinear``'s: the
+        same numbers (one multiply each) in one pass."""
         values, scales = self.int8_weight(rows)
         if self.streaming:
             return torch.ops.fusionlm.dequantize(values.contiguous(), scales.contiguous(), None)

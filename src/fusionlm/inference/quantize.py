@@ -266,19 +266,26 @@ def weight_in_format(weight: Tensor, *, format: str) -> dict[str, Tensor]:
     width = in_features // 2 if int4 else in_features
     device = "meta" if w.is_meta else None  # meta: the structure only, for a loader
     stored = {
-        "weight": torch.empty(out_features, width, dtype=torch.uint8 if int4 else torch.int8),
-        "scale": torch.empty(out_features, groups),
+        "weight": torch.empty(
+            out_features, width, dtype=torch.uint8 if int4 else torch.int8, device=device
+        ),
+        "scale": torch.empty(out_features, groups, device=device),
     }
     if int4:
-        stored["offset"] = torch.empty(out_features, groups)
-    if device == "meta":
-        if format == "w8a8":
-            stored = pack_w8a8(stored["weight"], stored["scale"])
-        return {name: torch.empty_like(t, device="meta") for name, t in stored.items()}
-    # In blocks of rows, so the float temporaries stay small beside a large matrix.
-    for start in range(0, out_features, QUANTIZE_ROWS):
+        stored["offset"] = torch.empty(out_features, groups, device=device)
+    if device != "meta":
+        _round_into(stored, w, int4=int4)
+    return pack_w8a8(stored["weight"], stored["scale"]) if format == "w8a8" else stored
+
+
+def _round_into(stored: dict[str, Tensor], weight: Tensor, *, int4: bool) -> None:
+    """``weight_in_format``'s rounding of ``weight [out, in]`` into ``stored``'s buffers, in
+    blocks of rows, so the float temporaries stay small beside a large matrix."""
+    in_features = weight.shape[1]
+    groups = in_features // GROUP_SIZE
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
         rows = slice(start, start + QUANTIZE_ROWS)
-        block = w[rows].float().view(-1, groups, GROUP_SIZE)
+        block = weight[rows].float().view(-1, groups, GROUP_SIZE)
         if int4:
             low, high = block.amin(dim=-1), block.amax(dim=-1)
             scale = ((high - low) / 15.0).clamp_(min=1e-12)
@@ -290,7 +297,6 @@ def weight_in_format(weight: Tensor, *, format: str) -> dict[str, Tensor]:
             values = (block / scale[..., None]).round_().clamp_(-127, 127)
             stored["weight"][rows] = values.view(-1, in_features).to(torch.int8)
         stored["scale"][rows] = scale
-    return pack_w8a8(stored["weight"], stored["scale"]) if format == "w8a8" else stored
 
 
 def layer_in_format(weight: Tensor, bias: Tensor | None = None, *, format: str) -> nn.Module:

@@ -303,7 +303,7 @@ std::vector<at::Tensor> linear_w8a8(const at::Tensor& x, at::TensorList weights,
           for (int64_t r = chunk; r < chunk_end; r += kMaxRows) {
             const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, chunk_end - r));
             path.kernel(rows, &a.busy[r], a, w + b * (a.k / kGroup) * kBlockGroupBytes,
-                   s + b * (a.k / kGroup) * kChannels, out + b * kChannels, n);
+                        s + b * (a.k / kGroup) * kChannels, out + b * kChannels, n);
           }
         }
       }
